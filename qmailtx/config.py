@@ -1,0 +1,242 @@
+"""The TOML configuration, read into frozen dataclasses.
+
+``parseConfig(text, baseDirectory)`` is pure apart from reading the qmail
+control directory the text may name; ``loadConfig(path)`` reads a file;
+``defaultConfig()`` is the embedded default (the same settings as the
+annotated ``etc/qmailtx.toml``). Unknown keys, wrong types and missing files
+raise ``ConfigError`` with one message naming the key or file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from qmailtx.control import Control, ControlError, buildControl, readControlDirectory
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key or file."""
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data: str  # absolute
+    control: str | None  # absolute, or None
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
+    relay_clients: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    max_recipients: int = 1000
+    max_bad_commands: int = 20
+    max_command_line: int = 512
+    max_hops: int = 100
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    listen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    threads: int = 16
+    # Bytes of the original body a bounce carries after its header (0: header only).
+    bounce_body_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig
+    control: Control
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    pop3: POP3Config = field(default_factory=POP3Config)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    source: str = "<built-in defaults>"
+    # Files in the control directory that this version does not read.
+    unusedControlFiles: tuple[str, ...] = ()
+
+
+class _Table:
+    """Typed access to one TOML table that remembers which keys were read."""
+
+    def __init__(self, name: str, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        self.name = name
+        self.data: dict[str, Any] = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def _fail(self, key: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.where}: [{self.name}] {key} {what}")
+
+    def get(self, key: str, check: Callable[[Any], T], what: str, default: T) -> T:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        try:
+            return check(value)
+        except (TypeError, ValueError) as e:
+            detail = f" ({e})" if str(e) else ""
+            raise self._fail(key, f"must be {what}{detail}") from e
+
+    def string(self, key: str, default: str | None) -> str | None:
+        return self.get(key, _str, "a string", default)
+
+    def integer(self, key: str, default: int, minimum: int = 0) -> int:
+        def check(v: Any) -> int:
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise TypeError()
+            return v
+
+        return self.get(key, check, f"an integer >= {minimum}", default)
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        return self.get(key, _strings, "a list of strings", default)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.where}: unknown key [{self.name}] {unknown[0]}")
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError()
+    return v
+
+
+def _strings(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError()
+    return tuple(v)
+
+
+def _networks(v: Any) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in _strings(v))
+
+
+def _resolve(base: str, path: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config:
+    """Parse TOML text; relative paths are taken from ``baseDirectory``."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    known = {"paths", "smtp", "pop3", "tls", "queue", "control"}
+    for key in document:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key [{key}]")
+
+    def table(name: str) -> _Table:
+        return _Table(name, document.get(name, {}), source)
+
+    paths = table("paths")
+    data = _resolve(baseDirectory, paths.string("data", "var") or "var")
+    controlDir = paths.string("control", None)
+    controlPath = _resolve(baseDirectory, controlDir) if controlDir else None
+    paths.finish()
+
+    smtp = table("smtp")
+    smtpDefaults = SMTPConfig()
+    smtpConfig = SMTPConfig(
+        listen=smtp.strings("listen", smtpDefaults.listen),
+        relay_clients=smtp.get(
+            "relay_clients", _networks, "a list of networks", smtpDefaults.relay_clients
+        ),
+        max_recipients=smtp.integer("max_recipients", smtpDefaults.max_recipients, 100),
+        max_bad_commands=smtp.integer("max_bad_commands", smtpDefaults.max_bad_commands, 1),
+        max_command_line=smtp.integer("max_command_line", smtpDefaults.max_command_line, 512),
+        max_hops=smtp.integer("max_hops", smtpDefaults.max_hops, 1),
+    )
+    smtp.finish()
+
+    pop3 = table("pop3")
+    pop3Config = POP3Config(listen=pop3.strings("listen", ()))
+    pop3.finish()
+
+    tls = table("tls")
+    cert = tls.string("certificate", None)
+    keyFile = tls.string("key", None)
+    tls.finish()
+    tlsConfig = TLSConfig(
+        certificate=_resolve(baseDirectory, cert) if cert else None,
+        key=_resolve(baseDirectory, keyFile) if keyFile else None,
+    )
+    for name, path in (("certificate", tlsConfig.certificate), ("key", tlsConfig.key)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{source}: [tls] {name}: file {path} does not exist")
+
+    queue = table("queue")
+    queueConfig = QueueConfig(
+        threads=queue.integer("threads", QueueConfig.threads, 1),
+        bounce_body_bytes=queue.integer("bounce_body_bytes", QueueConfig.bounce_body_bytes),
+    )
+    queue.finish()
+
+    controlTable = document.get("control", {})
+    if not isinstance(controlTable, Mapping):
+        raise ConfigError(f"{source}: [control] must be a table")
+    try:
+        fromFiles: dict[str, Any] = {}
+        others: tuple[str, ...] = ()
+        if controlPath is not None:
+            fromFiles, others = readControlDirectory(controlPath)
+        control = buildControl(controlTable, fromFiles, source)
+    except ControlError as e:
+        raise ConfigError(str(e)) from e
+
+    return Config(
+        paths=PathsConfig(data=data, control=controlPath),
+        control=control,
+        smtp=smtpConfig,
+        pop3=pop3Config,
+        tls=tlsConfig,
+        queue=queueConfig,
+        source=source,
+        unusedControlFiles=others,
+    )
+
+
+def loadConfig(path: str) -> Config:
+    """Read and parse a config file; relative paths are relative to its folder."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8") from e
+    return parseConfig(text, os.path.dirname(path), source=path)
+
+
+def defaultConfig(baseDirectory: str | None = None) -> Config:
+    """The embedded default: SMTP on 127.0.0.1:2525, data in ``./var``."""
+    return parseConfig("", baseDirectory or os.getcwd(), source="<built-in defaults>")

@@ -1,0 +1,89 @@
+"""Maildir delivery (maildir(5)): tmp/, fsync, link into new/, fsync new/.
+
+File names follow the modern uniqueness rule that Courier and Dovecot use:
+``<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>``, where S is the size of the file
+as written (Maildir++ quota and Dovecot read it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from qmailtx.fs import FileSystem, unlinkQuietly
+
+_counter = itertools.count(1)
+_lock = threading.Lock()
+
+
+def maildirHostName(name: str | None = None) -> str:
+    host = name or socket.gethostname() or "localhost"
+    return host.replace("/", "\\057").replace(":", "\\072")
+
+
+class MaildirWriter:
+    def __init__(
+        self,
+        fs: FileSystem | None = None,
+        clock: Callable[[], float] = time.time,
+        host: str | None = None,
+    ) -> None:
+        self.fs = fs or FileSystem()
+        self.clock = clock
+        self.host = maildirHostName(host)
+        self.pid = os.getpid()
+
+    def uniqueName(self, size: int) -> str:
+        with _lock:
+            n = next(_counter)
+        now = self.clock()
+        sec = int(now)
+        usec = int((now - sec) * 1_000_000)
+        return f"{sec}.M{usec}P{self.pid}Q{n}.{self.host},S={size}"
+
+    def deliver(self, maildir: str, prefix: bytes, sourceFd: int, offset: int, length: int) -> str:
+        """Write ``prefix`` + ``length`` bytes of ``sourceFd`` at ``offset`` as one message.
+
+        Returns the name in ``new/``. Any OSError leaves nothing behind in
+        ``tmp/`` or ``new/`` and is the caller's to classify (always
+        temporary unless the Maildir itself is missing).
+        """
+        size = len(prefix) + length
+        for _ in range(3):
+            name = self.uniqueName(size)
+            tmp = os.path.join(maildir, "tmp", name)
+            try:
+                fd = self.fs.openExclusive(tmp)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise OSError("could not find a unique Maildir name")
+        new = os.path.join(maildir, "new", name)
+        linked = False
+        try:
+            try:
+                self.fs.write(fd, prefix)
+                self.fs.copyRange(sourceFd, fd, offset, length)
+                self.fs.fsync(fd)
+            finally:
+                self.fs.close(fd)
+            self.fs.link(tmp, new)
+            linked = True
+            self.fs.fsyncDirectory(os.path.join(maildir, "new"))
+        except BaseException:
+            if linked:
+                unlinkQuietly(self.fs, new)
+            unlinkQuietly(self.fs, tmp)
+            raise
+        unlinkQuietly(self.fs, tmp)
+        return name
+
+
+def makeMaildir(fs: FileSystem, path: str) -> None:
+    for sub in ("tmp", "new", "cur"):
+        fs.makedirs(os.path.join(path, sub))

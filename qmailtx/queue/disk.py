@@ -1,0 +1,247 @@
+"""Synchronous, fsync'd queue file operations. Call only from the queue's thread pool.
+
+Commit order (qmail-queue with the fsync patch, Postfix's cleanup): write the
+file under ``tmp/``, fsync it, link it into ``mess/N/``, fsync ``mess/N/``,
+and only then report success; the ``tmp/`` name is removed afterwards (a
+leftover there is cleaned up at start-up and was never acknowledged).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from qmailtx.address import Address
+from qmailtx.fs import FileSystem, unlinkQuietly
+from qmailtx.queue.layout import (
+    HEADER,
+    SPLIT,
+    TRAILER,
+    QueuedMessage,
+    QueueFileError,
+    encodeEnvelope,
+    fileHeader,
+    fileTrailer,
+    parseQueueFile,
+    splitName,
+)
+
+_counter = itertools.count()
+_counterLock = threading.Lock()
+
+
+def newMessageId(now: float | None = None) -> str:
+    """Unique, roughly time-ordered ids: microseconds in hex plus a counter.
+
+    The last hex digit (which picks the split folder) comes from the counter,
+    so consecutive messages spread over the folders.
+    """
+    with _counterLock:
+        n = next(_counter)
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    return f"{micros:x}{n % 4096:03x}"
+
+
+@dataclass
+class SpoolFile:
+    """Thread-side state of one message being received."""
+
+    msgid: str
+    tmpPath: str
+    header: bytes
+    fd: int | None = None
+    length: int = 0  # message bytes written so far
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class ScanResult:
+    messages: list[QueuedMessage]
+    removedTemporary: int
+    quarantined: list[tuple[str, str]]  # (file name, reason)
+
+
+class QueueDisk:
+    def __init__(self, root: str, fs: FileSystem | None = None) -> None:
+        self.root = root
+        self.fs = fs or FileSystem()
+        self.tmpDir = os.path.join(root, "tmp")
+        self.messDir = os.path.join(root, "mess")
+        self.corruptDir = os.path.join(root, "corrupt")
+
+    # -- setup and recovery ------------------------------------------------
+
+    def create(self) -> None:
+        for d in (self.tmpDir, self.corruptDir):
+            self.fs.makedirs(d)
+        for s in SPLIT:
+            self.fs.makedirs(os.path.join(self.messDir, s))
+
+    def scan(self) -> ScanResult:
+        """Start-up recovery: drop leftovers in tmp/, quarantine torn files, load the rest."""
+        self.create()
+        removed = 0
+        for name in self.fs.listdir(self.tmpDir):
+            unlinkQuietly(self.fs, os.path.join(self.tmpDir, name))
+            removed += 1
+        messages = []
+        quarantined = []
+        for s in SPLIT:
+            folder = os.path.join(self.messDir, s)
+            for name in sorted(self.fs.listdir(folder)):
+                path = os.path.join(folder, name)
+                try:
+                    messages.append(self.load(name, path))
+                except (QueueFileError, OSError, UnicodeError) as e:
+                    self._quarantine(path, name)
+                    quarantined.append((name, str(e)))
+        return ScanResult(messages, removed, quarantined)
+
+    def load(self, msgid: str, path: str) -> QueuedMessage:
+        fd = self.fs.openRead(path)
+        try:
+            size = self.fs.size(fd)
+            head = self.fs.readAt(fd, HEADER.size, 0)
+            if len(head) == HEADER.size:
+                _, envLength = HEADER.unpack(head)
+                if HEADER.size + envLength <= size:
+                    head += self.fs.readAt(fd, envLength, HEADER.size)
+            trailer = self.fs.readAt(fd, TRAILER.size, max(size - TRAILER.size, 0))
+            message = parseQueueFile(msgid, path, head, trailer, size)
+            message.nextAttempt = os.fstat(fd).st_mtime
+            return message
+        finally:
+            self.fs.close(fd)
+
+    def _quarantine(self, path: str, name: str) -> None:
+        target = os.path.join(self.corruptDir, name)
+        if os.path.exists(target):
+            target += f".{int(time.time())}"
+        self.fs.rename(path, target)
+        self.fs.fsyncDirectory(self.corruptDir)
+
+    # -- receiving ------------------------------------------------------------
+
+    def newSpool(
+        self, birth: float, sender: Address, recipients: list[Address], info: dict[str, str]
+    ) -> SpoolFile:
+        msgid = newMessageId()
+        header = fileHeader(encodeEnvelope(birth, sender, recipients, info))
+        return SpoolFile(msgid, os.path.join(self.tmpDir, msgid), header)
+
+    def spoolWrite(self, spool: SpoolFile, data: bytes) -> None:
+        if spool.fd is None:
+            spool.fd = self.fs.openExclusive(spool.tmpPath)
+            self.fs.write(spool.fd, spool.header)
+        self.fs.write(spool.fd, data)
+        spool.length += len(data)
+
+    def spoolCommit(self, spool: SpoolFile, data: bytes) -> QueuedMessage:
+        """Write the rest, make it durable, link it into mess/. Success means durable."""
+        final = None
+        try:
+            self.spoolWrite(spool, data)
+            assert spool.fd is not None
+            self.fs.write(spool.fd, fileTrailer(spool.length))
+            self.fs.fsync(spool.fd)
+            self.fs.close(spool.fd)
+            spool.fd = None
+            while True:
+                folder = os.path.join(self.messDir, splitName(spool.msgid))
+                try:
+                    self.fs.link(spool.tmpPath, os.path.join(folder, spool.msgid))
+                    final = os.path.join(folder, spool.msgid)
+                    break
+                except FileExistsError:
+                    # An id reused after the clock went back: pick another.
+                    spool.msgid = newMessageId()
+            self.fs.fsyncDirectory(folder)
+        except BaseException:
+            # Not acknowledged, so not queued: leave no copy that a restart could deliver.
+            if final is not None:
+                unlinkQuietly(self.fs, final)
+            self.spoolAbort(spool)
+            raise
+        unlinkQuietly(self.fs, spool.tmpPath)
+        size = len(spool.header) + spool.length + TRAILER.size
+        return parseQueueFile(spool.msgid, final, spool.header, fileTrailer(spool.length), size)
+
+    def spoolAbort(self, spool: SpoolFile) -> None:
+        if spool.fd is not None:
+            try:
+                self.fs.close(spool.fd)
+            except OSError:
+                pass
+            spool.fd = None
+        unlinkQuietly(self.fs, spool.tmpPath)
+
+    def inject(
+        self,
+        birth: float,
+        sender: Address,
+        recipients: list[Address],
+        content: bytes,
+        info: dict[str, str],
+    ) -> QueuedMessage:
+        """Queue a whole message at once (bounces); durable when it returns."""
+        spool = self.newSpool(birth, sender, recipients, info)
+        return self.spoolCommit(spool, content)
+
+    # -- delivery bookkeeping ----------------------------------------------
+
+    def mark(self, message: QueuedMessage, changes: dict[int, str], nextAttempt: float) -> None:
+        """Overwrite recipients' state letters in place and make that durable."""
+        fd = self.fs.openUpdate(message.path)
+        try:
+            for index, letter in sorted(changes.items()):
+                self.fs.pwrite(fd, letter.encode("ascii"), message.stateOffsets[index])
+            self.fs.fdatasync(fd)
+        finally:
+            self.fs.close(fd)
+        self.setNextAttempt(message, nextAttempt)
+
+    def setNextAttempt(self, message: QueuedMessage, when: float) -> None:
+        """Remember the next attempt in the file's mtime (like Postfix); not fsync'd."""
+        try:
+            self.fs.utime(message.path, when)
+        except OSError:
+            pass
+
+    def remove(self, message: QueuedMessage) -> None:
+        """Delete a finished message. Not fsync'd: a crash may resurrect it,
+        which at worst repeats a delivery, never loses one."""
+        try:
+            self.fs.unlink(message.path)
+        except FileNotFoundError:
+            pass
+
+    def readHeader(self, message: QueuedMessage, limit: int) -> tuple[bytes, bool]:
+        """The message's header block (up to ``limit`` bytes) and whether it is complete."""
+        fd = self.fs.openRead(message.path)
+        try:
+            data = self.fs.readAt(fd, min(limit, message.messageLength), message.messageOffset)
+        finally:
+            self.fs.close(fd)
+        if data.startswith(b"\n"):
+            return b"", True
+        end = data.find(b"\n\n")
+        if end >= 0:
+            return data[: end + 1], True
+        if len(data) == message.messageLength:
+            return data if data.endswith(b"\n") else data + b"\n", True
+        return data[: data.rfind(b"\n") + 1], False
+
+    def readMessage(self, message: QueuedMessage, limit: int) -> bytes:
+        fd = self.fs.openRead(message.path)
+        try:
+            return self.fs.readAt(fd, min(limit, message.messageLength), message.messageOffset)
+        finally:
+            self.fs.close(fd)
+
+
+def isDiskFull(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

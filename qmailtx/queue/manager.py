@@ -1,0 +1,418 @@
+"""The queue manager (qmail-send's job): schedule, deliver, retry, bounce.
+
+New messages are scheduled the moment the store commits them; a start-up
+scan recovers what a crash left. Each recipient belongs to a channel (local
+or remote); an *attempt* delivers a message's due recipients of one channel,
+in jobs that wait for a slot under the channel's concurrency limit. When an
+attempt ends, in this order: permanent failures are bounced (the bounce is
+durable before anything else changes), delivered and bounced recipients are
+marked done in the queue file (or the file is removed when nothing is left),
+and temporary failures are rescheduled on qmail's retry schedule.
+
+A crash between any two of these steps repeats work (a delivery or a
+bounce) and never loses it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from qmailtx.address import Address
+from qmailtx.delivery.interfaces import (
+    DeliveryResult,
+    IDeliveryAgent,
+    Outcome,
+    temporary,
+)
+from qmailtx.logging import logsafe
+from qmailtx.queue.bounce import (
+    BounceSettings,
+    FailedRecipient,
+    bounceKind,
+    buildBounce,
+)
+from qmailtx.queue.disk import ScanResult
+from qmailtx.queue.layout import DELIVERED, FAILED, TODO, QueuedMessage
+from qmailtx.queue.schedule import GIVE_UP, isFinalAttempt, nextRetry
+from qmailtx.queue.store import QueueStore
+
+log = Logger()
+
+HEADER_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    concurrency: Mapping[str, int]
+    lifetime: float
+    bounce: BounceSettings
+
+
+@dataclass
+class _MessageState:
+    message: QueuedMessage
+    channels: list[str]  # per recipient
+    busy: set[str] = field(default_factory=set)
+    nextAttempt: dict[str, float] = field(default_factory=dict)
+    lock: DeferredLock = field(default_factory=DeferredLock)
+
+
+@dataclass
+class _Attempt:
+    state: _MessageState
+    channel: str
+    outstanding: int
+    results: dict[int, DeliveryResult] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    attempt: _Attempt
+    indices: list[int]
+
+
+class QueueManager(Service):
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        store: QueueStore,
+        agents: Mapping[str, IDeliveryAgent],
+        classify: Callable[[Address], str],
+        settings: QueueSettings,
+    ) -> None:
+        self.reactor = reactor
+        self.store = store
+        self.agents = dict(agents)
+        self.classify = classify
+        self.settings = settings
+        self.messages: dict[str, _MessageState] = {}
+        self._heap: list[tuple[float, int, str, str]] = []
+        self._seq = itertools.count()
+        self._deliveryIds = itertools.count(1)
+        self._timer: IDelayedCall | None = None
+        self._waiting: dict[str, deque[_Job]] = {c: deque() for c in self.agents}
+        self._active: dict[str, int] = {c: 0 for c in self.agents}
+        self._finishing = 0
+        self._idleWaiters: list[Deferred[None]] = []
+        self._stopping = False
+        self.recovered: Deferred[ScanResult] = Deferred()
+        store.addListener(self.add)
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self.store.scan().addCallbacks(self._recovered, self._recoveryFailed)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for jobs in self._waiting.values():
+            jobs.clear()  # still queued on disk; taken up again at the next start
+        return self.whenIdle()
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires when no delivery is running and no attempt is being finished."""
+        if self._isIdle():
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idleWaiters.append(d)
+        return d
+
+    def _isIdle(self) -> bool:
+        return not self._finishing and not any(self._active.values())
+
+    def _checkIdle(self) -> None:
+        if self._isIdle():
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def _recovered(self, result: ScanResult) -> None:
+        if result.removedTemporary:
+            log.info(
+                "recovery: removed {count} unfinished file(s) from queue/tmp",
+                count=result.removedTemporary,
+            )
+        for name, reason in result.quarantined:
+            log.warn(
+                "recovery: queue file {msgid} is damaged ({reason}); moved to queue/corrupt",
+                msgid=name,
+                reason=reason,
+            )
+        recovered = 0
+        for message in result.messages:
+            if message.msgid not in self.messages:
+                recovered += 1
+                self.add(message)
+        log.info("recovery: {count} message(s) in the queue", count=recovered)
+        self.recovered.callback(result)
+
+    def _recoveryFailed(self, failure: Failure) -> None:
+        log.failure("queue recovery failed; queued messages are not being delivered", failure)
+        self.recovered.errback(failure)
+
+    # -- intake -------------------------------------------------------------
+
+    def add(self, message: QueuedMessage) -> None:
+        """A committed message: log it and schedule what it still has to do."""
+        if message.msgid in self.messages:
+            return
+        channels = [self.classify(r) for r in message.recipients]
+        state = _MessageState(message, channels)
+        self.messages[message.msgid] = state
+        log.info("new msg {msgid}", msgid=message.msgid)
+        log.info(
+            "info msg {msgid}: bytes {bytes} from <{sender}> qp {qp} uid {uid}",
+            msgid=message.msgid,
+            bytes=message.messageLength,
+            sender=str(message.sender),
+            qp=message.info.get("s", "-"),
+            uid=os.getuid(),
+        )
+        if not message.pending():
+            Deferred.fromCoroutine(self._finish(state)).addErrback(self._bug, message.msgid)
+            return
+        now = self.reactor.seconds()
+        when = max(now, message.nextAttempt or now)
+        for channel in sorted(set(channels[i] for i in message.pending())):
+            self._schedule(state, channel, when)
+
+    # -- scheduling -----------------------------------------------------------
+
+    def _schedule(self, state: _MessageState, channel: str, when: float) -> None:
+        state.nextAttempt[channel] = when
+        if self._stopping:
+            return
+        if when <= self.reactor.seconds():
+            self._startAttempt(state, channel)
+            return
+        heapq.heappush(self._heap, (when, next(self._seq), state.message.msgid, channel))
+        self._armTimer()
+
+    def _armTimer(self) -> None:
+        if not self._heap or self._stopping:
+            return
+        when = self._heap[0][0]
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= when:
+                return
+            self._timer.cancel()
+        delay = max(0.0, when - self.reactor.seconds())
+        self._timer = self.reactor.callLater(delay, self._timerFired)
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        now = self.reactor.seconds()
+        while self._heap and self._heap[0][0] <= now:
+            when, _, msgid, channel = heapq.heappop(self._heap)
+            state = self.messages.get(msgid)
+            if state is not None and state.nextAttempt.get(channel) == when:
+                self._startAttempt(state, channel)
+        self._armTimer()
+
+    def retryNow(self) -> None:
+        """Try every deferred message now (qmail-send's SIGALRM)."""
+        now = self.reactor.seconds()
+        for state in list(self.messages.values()):
+            for channel in list(state.nextAttempt):
+                self._schedule(state, channel, now)
+
+    # -- delivery -------------------------------------------------------------
+
+    def _startAttempt(self, state: _MessageState, channel: str) -> None:
+        if channel in state.busy or self._stopping:
+            return
+        message = state.message
+        pending = [i for i in message.pending() if state.channels[i] == channel]
+        if not pending:
+            return
+        state.nextAttempt.pop(channel, None)
+        state.busy.add(channel)
+        agent = self.agents[channel]
+        batches: dict[object, list[int]] = {}
+        for i in pending:
+            batches.setdefault(agent.batchKey(message.recipients[i]), []).append(i)
+        attempt = _Attempt(state, channel, outstanding=len(batches))
+        for indices in batches.values():
+            self._waiting[channel].append(_Job(attempt, indices))
+        self._pump(channel)
+
+    def _pump(self, channel: str) -> None:
+        limit = self.settings.concurrency.get(channel, 1)
+        waiting = self._waiting[channel]
+        while waiting and self._active[channel] < limit and not self._stopping:
+            self._active[channel] += 1
+            self._runJob(waiting.popleft())
+
+    def _runJob(self, job: _Job) -> None:
+        attempt = job.attempt
+        message = attempt.state.message
+        delivery = next(self._deliveryIds)
+        recipients = [message.recipients[i] for i in job.indices]
+        log.info(
+            "starting delivery {delivery}: msg {msgid} to {channel} {rcpt}",
+            delivery=delivery,
+            msgid=message.msgid,
+            channel=attempt.channel,
+            rcpt=",".join(str(r) for r in recipients),
+        )
+        agent = self.agents[attempt.channel]
+        d = maybeDeferred(agent.deliver, message, recipients)
+
+        def crashed(failure: Failure) -> list[DeliveryResult]:
+            log.failure(
+                "delivery {delivery} of msg {msgid} crashed",
+                failure,
+                delivery=delivery,
+                msgid=message.msgid,
+            )
+            return [temporary("Internal error in delivery; will try again. (#4.3.0)")] * len(
+                recipients
+            )
+
+        d.addErrback(crashed)
+        d.addCallback(self._jobDone, job, delivery)
+        d.addErrback(self._bug, message.msgid)
+
+    def _jobDone(self, results: list[DeliveryResult], job: _Job, delivery: int) -> None:
+        attempt = job.attempt
+        channel = attempt.channel
+        self._active[channel] -= 1
+        if len(results) != len(job.indices):
+            results = [temporary("Delivery agent gave no result. (#4.3.0)")] * len(job.indices)
+        for index, result in zip(job.indices, results, strict=True):
+            attempt.results[index] = result
+            log.info(
+                "delivery {delivery}: {outcome}: {text}",
+                delivery=delivery,
+                outcome=result.outcome.value,
+                text=logsafe(result.text),
+                msgid=attempt.state.message.msgid,
+                rcpt=str(attempt.state.message.recipients[index]),
+            )
+        attempt.outstanding -= 1
+        if attempt.outstanding == 0:
+            self._finishing += 1
+            d = attempt.state.lock.run(self._finishAttempt, attempt)
+            d.addErrback(self._bug, attempt.state.message.msgid)
+            d.addBoth(self._finished)
+        self._pump(channel)
+        self._checkIdle()
+
+    def _finished(self, _: object) -> None:
+        self._finishing -= 1
+        self._checkIdle()
+
+    def _finishAttempt(self, attempt: _Attempt) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._finishAttemptAsync(attempt))
+
+    async def _finishAttemptAsync(self, attempt: _Attempt) -> None:
+        state = attempt.state
+        message = state.message
+        now = self.reactor.seconds()
+        final = isFinalAttempt(message.birth, now, self.settings.lifetime)
+        changes: dict[int, str] = {}
+        failed: list[tuple[int, str]] = []
+        retry = False
+        for index, result in sorted(attempt.results.items()):
+            if result.outcome is Outcome.DELIVERED:
+                changes[index] = DELIVERED
+            elif result.outcome is Outcome.PERMANENT:
+                failed.append((index, result.text))
+            elif final:
+                failed.append((index, f"{result.text}\n{GIVE_UP}"))
+            else:
+                retry = True
+        if failed:
+            try:
+                await self._bounce(message, failed, now)
+            except Exception:
+                # Could not queue the bounce (disk trouble): keep the recipients
+                # to do, so the failure is found and bounced again later.
+                log.failure("could not queue a bounce for msg {msgid}", msgid=message.msgid)
+                retry = True
+            else:
+                changes.update((index, FAILED) for index, _ in failed)
+        for index, letter in changes.items():
+            message.states[index] = letter
+        state.busy.discard(attempt.channel)
+        nextTime = None
+        if retry:
+            nextTime = nextRetry(message.birth, now, attempt.channel, self.settings.lifetime)
+        if not message.pending() and not state.busy:
+            await self._finish(state)
+            return
+        if changes or nextTime is not None:
+            try:
+                await self.store.mark(message, changes, nextTime or now)
+            except Exception:
+                log.failure("could not record delivery state of msg {msgid}", msgid=message.msgid)
+        if nextTime is not None:
+            self._schedule(state, attempt.channel, nextTime)
+
+    async def _finish(self, state: _MessageState) -> None:
+        message = state.message
+        try:
+            await self.store.remove(message)
+        except Exception:
+            log.failure("could not remove finished msg {msgid}", msgid=message.msgid)
+        self.messages.pop(message.msgid, None)
+        log.info("end msg {msgid}", msgid=message.msgid)
+
+    async def _bounce(
+        self, message: QueuedMessage, failed: list[tuple[int, str]], now: float
+    ) -> None:
+        kind = bounceKind(message.sender)
+        if kind == "triple":
+            log.warn(
+                "triple bounce: discarding msg {msgid}",
+                msgid=message.msgid,
+                rcpt=",".join(str(message.recipients[i]) for i, _ in failed),
+            )
+            return
+        settings = self.settings.bounce
+        header, _ = await self.store.readHeader(message, HEADER_LIMIT)
+        whole = None
+        if settings.bodyBytes and message.messageLength <= settings.bodyBytes:
+            whole = await self.store.readMessage(message, settings.bodyBytes)
+        bounce = buildBounce(
+            settings,
+            message.sender,
+            [FailedRecipient(message.recipients[i], text) for i, text in failed],
+            header,
+            whole,
+            arrival=message.birth,
+            now=now,
+        )
+        queued = await self.store.inject(
+            now, bounce.sender, bounce.recipients, bounce.content, {"b": message.msgid}
+        )
+        log.info("bounce msg {msgid} qp {bounce}", msgid=message.msgid, bounce=queued.msgid)
+
+    def _bug(self, failure: Failure, msgid: str) -> None:
+        log.failure("queue manager error on msg {msgid}", failure, msgid=msgid)
+
+    # -- introspection ----------------------------------------------------------
+
+    def stateOf(self, msgid: str) -> list[str] | None:
+        state = self.messages.get(msgid)
+        return list(state.message.states) if state else None
+
+
+__all__ = ["QueueManager", "QueueSettings", "TODO"]

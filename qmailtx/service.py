@@ -1,0 +1,192 @@
+"""makeMailService: the whole server as one MultiService, for twistd or any Twisted program.
+
+Children, by name, in start order: ``workers`` (the thread pool for disk
+work), ``queue`` (the queue manager), ``smtp`` (one listening service per
+``[smtp] listen`` endpoint). Stopping runs in reverse: listeners close,
+running deliveries finish, then the pool stops.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from functools import partial
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from qmailtx.address import Address
+from qmailtx.config import Config, ConfigError
+from qmailtx.delivery.local import LocalDeliveryAgent
+from qmailtx.delivery.maildir import makeMaildir
+from qmailtx.delivery.unavailable import NoRemoteDelivery
+from qmailtx.domains import DomainTable
+from qmailtx.fs import FileSystem
+from qmailtx.policy.interfaces import IRecipientCheck
+from qmailtx.queue.bounce import BounceSettings
+from qmailtx.queue.disk import QueueDisk
+from qmailtx.queue.manager import QueueManager, QueueSettings
+from qmailtx.queue.store import QueueStore
+from qmailtx.registry import Registry, makeRegistry, resolve
+from qmailtx.smtp.factory import SMTPServerFactory, SMTPSettings
+
+log = Logger()
+
+RECIPIENT_POLICIES = ("relay",)
+
+
+class WorkerPoolService(Service):
+    """Owns the thread pool that does queue and Maildir I/O."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class DataLockService(Service):
+    """Creates the data folder and holds ``<data>/lock`` so two servers never share it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._fd: int | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._lock()
+
+    def startService(self) -> None:
+        super().startService()
+        self._lock()
+
+    def _lock(self) -> None:
+        if self._fd is not None:
+            return
+        prepareDataDirectory(self.config)
+        path = os.path.join(self.config.paths.data, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"{self.config.paths.data} is in use by another qmailtx process"
+            ) from None
+        self._fd = fd
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def prepareDataDirectory(config: Config) -> None:
+    """Create the data folder's layout and the postmaster@localhost mailbox (idempotent)."""
+    fs = FileSystem()
+    data = config.paths.data
+    try:
+        fs.makedirs(data)
+        QueueDisk(os.path.join(data, "queue"), fs).create()
+        makeMaildir(fs, os.path.join(data, "domains", "localhost", "postmaster", "Maildir"))
+    except OSError as e:
+        raise ConfigError(f"cannot set up data folder {data}: {e.strerror}") from e
+
+
+def makeMailService(
+    reactor: Any,
+    config: Config,
+    registry: Registry | None = None,
+) -> MultiService:
+    """Build the server. ``reactor`` must provide IReactorTime, IReactorFromThreads
+    and IReactorCore (any real reactor does)."""
+    assert IReactorTime.providedBy(reactor) and IReactorFromThreads.providedBy(reactor)
+    assert IReactorCore.providedBy(reactor)
+    registry = registry or makeRegistry(config)
+    control = config.control
+    top = MultiService()
+    top.setName("qmailtx")
+
+    DataLockService(config).setServiceParent(top)
+
+    pool = ThreadPool(minthreads=0, maxthreads=config.queue.threads, name="qmailtx-io")
+    workers = WorkerPoolService(pool)
+    workers.setName("workers")
+    workers.setServiceParent(top)
+    runner = partial(deferToThreadPool, reactor, pool)
+
+    store = QueueStore(QueueDisk(os.path.join(config.paths.data, "queue")), runner)
+    domains = DomainTable.fromControl(control)
+
+    def classify(recipient: Address) -> str:
+        return "local" if domains.isLocal(recipient.domain) else "remote"
+
+    manager = QueueManager(
+        reactor,
+        store,
+        {
+            "local": LocalDeliveryAgent(runner, config.paths.data),
+            "remote": NoRemoteDelivery(),
+        },
+        classify,
+        QueueSettings(
+            concurrency={"local": control.concurrencylocal, "remote": control.concurrencyremote},
+            lifetime=control.queuelifetime,
+            bounce=BounceSettings.fromControl(control, config.queue.bounce_body_bytes),
+        ),
+    )
+    manager.setName("queue")
+    manager.setServiceParent(top)
+
+    smtp = MultiService()
+    smtp.setName("smtp")
+    factory = SMTPServerFactory(
+        reactor,
+        SMTPSettings.fromConfig(config),
+        store,
+        recipientChecks=resolve(registry, IRecipientCheck, RECIPIENT_POLICIES),
+    )
+    for description in config.smtp.listen:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                f"{config.source}: [smtp] listen: bad endpoint {description!r}: {e}"
+            ) from e
+        StreamServerEndpointService(endpoint, factory).setServiceParent(smtp)
+    smtp.setServiceParent(top)
+
+    _reportStartup(config)
+    return top
+
+
+def _reportStartup(config: Config) -> None:
+    log.info(
+        "qmailtx: config {source}, data {data}, SMTP on {listen}, local domains {domains}",
+        source=config.source,
+        data=config.paths.data,
+        listen=", ".join(config.smtp.listen) or "nothing",
+        domains=", ".join(config.control.locals),
+    )
+    for name in config.unusedControlFiles:
+        log.warn(
+            "control file {name} in {control} is not used by this version of qmailtx",
+            name=name,
+            control=config.paths.control,
+        )
+    if config.pop3.listen:
+        log.warn("[pop3] listen is set, but this version of qmailtx has no POP3 server yet")
+    if config.tls.certificate or config.tls.key:
+        log.warn("[tls] is set, but this version of qmailtx does not offer STARTTLS yet")

@@ -1,0 +1,84 @@
+"""SMTPServerFactory: what every connection of one listener shares."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
+
+from qmailtx.config import Config, IPNetwork
+from qmailtx.policy.interfaces import IRecipientCheck, ISenderCheck, ISMTPSession
+from qmailtx.queue.store import QueueStore
+from qmailtx.smtp.server import ESMTPServer
+
+
+@dataclass(frozen=True)
+class SMTPSettings:
+    me: str
+    greeting: str
+    envnoathost: str
+    databytes: int = 0
+    timeout: float = 1200
+    maxRecipients: int = 1000
+    maxBadCommands: int = 20
+    maxCommandLine: int = 512
+    maxHops: int = 100
+    relayClients: tuple[IPNetwork, ...] = ()
+    listener: str = "smtp"
+
+    @classmethod
+    def fromConfig(cls, config: Config, listener: str = "smtp") -> SMTPSettings:
+        control = config.control
+        return cls(
+            me=control.me,
+            greeting=control.smtpgreeting,
+            envnoathost=control.envnoathost,
+            databytes=control.databytes,
+            timeout=control.timeoutsmtpd,
+            maxRecipients=config.smtp.max_recipients,
+            maxBadCommands=config.smtp.max_bad_commands,
+            maxCommandLine=config.smtp.max_command_line,
+            maxHops=config.smtp.max_hops,
+            relayClients=config.smtp.relay_clients,
+            listener=listener,
+        )
+
+    def isRelayClient(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.relayClients)
+
+
+class SMTPServerFactory(Factory):
+    noisy = False
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        settings: SMTPSettings,
+        store: QueueStore,
+        senderChecks: Sequence[ISenderCheck] = (),
+        recipientChecks: Sequence[IRecipientCheck] = (),
+    ) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.store = store
+        self.senderChecks = tuple(senderChecks)
+        self.recipientChecks = tuple(recipientChecks)
+
+    def buildProtocol(self, addr: IAddress | None) -> ESMTPServer:
+        protocol = ESMTPServer(self)
+        protocol.factory = self
+        return protocol
+
+    def extensions(self, session: ISMTPSession) -> list[str]:
+        """EHLO keywords after the greeting line, in qmail-toaster order."""
+        size = f"SIZE {self.settings.databytes}" if self.settings.databytes else "SIZE"
+        return [size, "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]

@@ -1,0 +1,495 @@
+"""The ESMTP server protocol: framing, the command state machine, replies in order.
+
+Input is taken in bulk. In command mode lines end at LF (a CR before it is
+dropped, as qmail and Postfix do); a line longer than the limit is answered
+with one 500 when it ends and is never split into commands. In DATA mode the
+bytes go through ``DataParser`` (strict CRLF) straight into a queue spool.
+
+Replies leave in command order: while a command waits for something (a
+check answering later, the queue's fsync), later pipelined input stays
+buffered and unprocessed; reading from the socket is paused when that buffer
+is full, or when the client is not reading our replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from qmailtx.address import Address
+from qmailtx.policy.chain import runChecks
+from qmailtx.policy.verdict import Verdict, VerdictKind
+from qmailtx.queue.disk import isDiskFull
+from qmailtx.queue.store import Spool
+from qmailtx.reply import SMTPRejection, SMTPReply
+from qmailtx.smtp.commands import parseCommand, parsePathCommand
+from qmailtx.smtp.data import BareLineEnding, DataParser
+from qmailtx.smtp.received import receivedLine
+from qmailtx.smtp.session import SMTPSession
+
+if TYPE_CHECKING:
+    from qmailtx.smtp.factory import SMTPServerFactory
+
+log = Logger()
+
+INPUT_LIMIT = 64 * 1024  # pipelined input held while a command is pending
+DISCARD_LIMIT = 64 * 1024  # bytes of one over-long line before we hang up
+
+_COMMAND, _DATA, _CLOSED = "command", "data", "closed"
+
+R_OK = SMTPReply(250, "2.0.0", "ok")
+R_MAIL_OK = SMTPReply(250, "2.1.0", "ok")
+R_RCPT_OK = SMTPReply(250, "2.1.5", "ok")
+R_FLUSHED = SMTPReply(250, "2.0.0", "flushed")
+R_GO_AHEAD = SMTPReply(354, "", "go ahead")
+R_VRFY = SMTPReply(252, "2.0.0", "send some mail, i'll try my best")
+R_HELP = SMTPReply(214, "2.0.0", "qmail home page: http://pobox.com/~djb/qmail.html")
+R_UNIMPLEMENTED = SMTPReply(502, "5.5.1", "unimplemented")
+R_SYNTAX = SMTPReply(555, "5.5.4", "syntax error")
+R_ARGUMENT = SMTPReply(501, "5.5.4", "syntax error")
+R_MAIL_FIRST = SMTPReply(503, "5.5.1", "MAIL first")
+R_RCPT_FIRST = SMTPReply(503, "5.5.1", "RCPT first")
+R_NESTED_MAIL = SMTPReply(503, "5.5.1", "only one MAIL command allowed")
+R_TOO_LONG = SMTPReply(500, "5.5.2", "line too long")
+R_TOO_MANY_RCPTS = SMTPReply(452, "4.5.3", "too many recipients")
+R_TOO_BIG = SMTPReply(552, "5.3.4", "sorry, that message size exceeds my databytes limit")
+R_HOPS = SMTPReply(554, "5.4.6", "too many hops, this message is looping")
+R_BARE_LF = SMTPReply(451, "4.6.0", "See http://pobox.com/~djb/docs/smtplf.html.")
+R_TIMEOUT = SMTPReply(451, "4.4.2", "timeout")
+R_DISK_FULL = SMTPReply(452, "4.3.1", "qq write error or disk full")
+R_QUEUE_ERROR = SMTPReply(451, "4.3.0", "qq write error or disk full")
+R_BAD_PARAMETER = SMTPReply(555, "5.5.4", "unsupported parameter")
+R_INTERNAL = SMTPReply(451, "4.3.0", "internal error, try again later")
+
+
+@implementer(IPushProducer)
+class ESMTPServer(Protocol):
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+        self.settings = factory.settings
+        self.session = SMTPSession("unknown", 0, listener=self.settings.listener)
+        self._buffer = b""
+        self._mode = _COMMAND
+        self._busy = False  # a command's reply is pending
+        self._outputBlocked = False  # the client is not reading our replies
+        self._readingPaused = False
+        self._discarding = -1  # bytes discarded from an over-long line; -1: not discarding
+        self._badCommands = 0
+        self._data: DataParser | None = None
+        self._spool: Spool | None = None
+        self._timer: IDelayedCall | None = None
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        host = getattr(peer, "host", "unknown")
+        self.session = SMTPSession(
+            host,
+            getattr(peer, "port", 0),
+            listener=self.settings.listener,
+            clientRelay=self.settings.isRelayClient(host),
+        )
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            try:
+                setNoDelay(True)
+            except OSError:
+                pass
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._resetTimer()
+        self._write(SMTPReply(220, "", f"{self.settings.greeting} ESMTP"))
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._mode = _CLOSED
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._abortData()
+
+    def _close(self) -> None:
+        if self._mode == _CLOSED:
+            return
+        self._mode = _CLOSED
+        self._abortData()
+        self._buffer = b""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _abortData(self) -> None:
+        if self._spool is not None:
+            self._spool.abort()
+        self._spool = None
+        self._data = None
+
+    # -- timeouts ------------------------------------------------------------
+
+    def _resetTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.settings.timeout)
+        else:
+            self._timer = self.factory.clock.callLater(self.settings.timeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self._mode == _CLOSED:
+            return
+        log.info(
+            "timeout: closing session {session} from {peer}",
+            session=self.session.sessionId,
+            peer=self.session.peerHost,
+        )
+        self._write(R_TIMEOUT)
+        self._close()
+
+    # -- flow control ----------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: stop reading until it drains."""
+        self._outputBlocked = True
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        self._outputBlocked = False
+        self._updateReading()
+        self._process()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _updateReading(self) -> None:
+        pause = self._outputBlocked or (self._busy and len(self._buffer) >= INPUT_LIMIT)
+        if self._mode == _CLOSED or pause == self._readingPaused:
+            return
+        self._readingPaused = pause
+        if pause:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        else:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode == _CLOSED:
+            return
+        self._resetTimer()
+        self._buffer = self._buffer + data if self._buffer else data
+        self._process()
+        self._updateReading()
+
+    def _process(self) -> None:
+        while self._buffer and not self._busy and not self._outputBlocked:
+            if self._mode == _DATA:
+                chunk, self._buffer = self._buffer, b""
+                self._dataChunk(chunk)
+            elif self._mode == _COMMAND:
+                if not self._nextLine():
+                    break
+            else:
+                self._buffer = b""
+
+    def _nextLine(self) -> bool:
+        """Handle one command line; False when no whole line is buffered."""
+        buf = self._buffer
+        nl = buf.find(b"\n")
+        if self._discarding >= 0:
+            if nl < 0:
+                self._discarding += len(buf)
+                self._buffer = b""
+                if self._discarding > DISCARD_LIMIT:
+                    self._write(SMTPReply(421, "4.7.0", "line too long, closing connection"))
+                    self._close()
+                return False
+            self._buffer = buf[nl + 1 :]
+            self._discarding = -1
+            self._badCommand(R_TOO_LONG)
+            return True
+        if nl < 0:
+            if len(buf) > self.settings.maxCommandLine:
+                self._discarding = len(buf)
+                self._buffer = b""
+            return False
+        self._buffer = buf[nl + 1 :]
+        if nl + 1 > self.settings.maxCommandLine:
+            self._badCommand(R_TOO_LONG)
+            return True
+        line = buf[: nl - 1] if nl and buf[nl - 1] == 13 else buf[:nl]
+        self._handleLine(line)
+        return True
+
+    def _handleLine(self, line: bytes) -> None:
+        try:
+            command = parseCommand(line)
+            handler = self._handlers.get(command.verb)
+            if handler is None:
+                self._badCommand(R_UNIMPLEMENTED)
+                return
+            result = handler(self, command.argument)
+        except SMTPRejection as e:
+            self._badCommand(e.reply)
+            return
+        self._answer(result)
+
+    def _answer(self, result: SMTPReply | Deferred[Any] | None) -> None:
+        if isinstance(result, Deferred):
+            self._busy = True
+            result.addErrback(self._internalError)
+            result.addCallback(self._answerLater)
+        elif result is not None:
+            self._write(result)
+
+    def _answerLater(self, reply: SMTPReply | None) -> None:
+        self._busy = False
+        if self._mode == _CLOSED:
+            return
+        if reply is not None:
+            self._write(reply)
+        self._process()
+        self._updateReading()
+
+    def _internalError(self, failure: Failure) -> SMTPReply:
+        log.failure("internal error in session {session}", failure, session=self.session.sessionId)
+        return R_INTERNAL
+
+    def _badCommand(self, reply: SMTPReply) -> None:
+        self._badCommands += 1
+        if self._badCommands >= self.settings.maxBadCommands:
+            log.info(
+                "too many bad commands from {peer} session {session}",
+                peer=self.session.peerHost,
+                session=self.session.sessionId,
+            )
+            self._write(SMTPReply(421, "4.7.0", f"{self.settings.me} too many errors"))
+            self._close()
+            return
+        self._write(reply)
+
+    def _write(self, reply: SMTPReply) -> None:
+        if self.transport is not None and self._mode != _CLOSED:
+            self.transport.write(reply.toBytes())
+
+    # -- verdicts ----------------------------------------------------------------
+
+    def _judge(
+        self, verdict: Verdict | Deferred[Verdict], accept: Callable[[], SMTPReply]
+    ) -> SMTPReply | Deferred[SMTPReply]:
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(self._verdictReply, accept)
+        return self._verdictReply(verdict, accept)
+
+    def _verdictReply(self, verdict: Verdict, accept: Callable[[], SMTPReply]) -> SMTPReply:
+        if verdict.kind in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
+            return accept()
+        assert verdict.reply is not None
+        if verdict.kind is VerdictKind.DISCONNECT:
+            # Written now; the closed connection drops the second write.
+            self._write(verdict.reply)
+            self._close()
+        return verdict.reply
+
+    # -- commands ----------------------------------------------------------------
+
+    def _qualify(self, address: Address) -> Address:
+        if address.domain or address.isNull:
+            return address
+        return address.withDomain(self.settings.envnoathost)
+
+    def smtp_HELO(self, argument: str) -> SMTPReply:
+        if not argument:
+            raise SMTPRejection(SMTPReply(501, "5.5.4", "HELO requires a domain"))
+        self.session.resetTransaction()
+        self.session.helo = argument
+        self.session.esmtp = False
+        return SMTPReply(250, "", self.settings.greeting)
+
+    def smtp_EHLO(self, argument: str) -> SMTPReply:
+        if not argument:
+            raise SMTPRejection(SMTPReply(501, "5.5.4", "EHLO requires a domain"))
+        self.session.resetTransaction()
+        self.session.helo = argument
+        self.session.esmtp = True
+        lines = [self.settings.greeting, *self.factory.extensions(self.session)]
+        return SMTPReply(250, "", "\n".join(lines))
+
+    def smtp_MAIL(self, argument: str) -> SMTPReply | Deferred[SMTPReply]:
+        if self.session.sender is not None:
+            raise SMTPRejection(R_NESTED_MAIL)
+        command = parsePathCommand(argument, "FROM", allowNull=True)
+        params = command.parameters
+        for key in params:
+            if key not in ("SIZE", "BODY"):
+                raise SMTPRejection(R_BAD_PARAMETER)
+        body = params.get("BODY")
+        if "BODY" in params and (body is None or body.upper() not in ("7BIT", "8BITMIME")):
+            raise SMTPRejection(R_ARGUMENT)
+        if "SIZE" in params:
+            size = params["SIZE"]
+            if size is None or not size.isdigit() or len(size) > 20:
+                raise SMTPRejection(R_ARGUMENT)
+            if self.settings.databytes and int(size) > self.settings.databytes:
+                return R_TOO_BIG
+        sender = self._qualify(command.address)
+        session = self.session
+
+        def accept() -> SMTPReply:
+            session.sender = sender
+            session.recipients = []
+            session.bodyType = body.upper() if body else None
+            return R_MAIL_OK
+
+        verdict = runChecks(
+            self.factory.senderChecks, lambda c: c.checkSender(session, sender, params)
+        )
+        return self._judge(verdict, accept)
+
+    def smtp_RCPT(self, argument: str) -> SMTPReply | Deferred[SMTPReply]:
+        session = self.session
+        if session.sender is None:
+            raise SMTPRejection(R_MAIL_FIRST)
+        command = parsePathCommand(argument, "TO", allowNull=False)
+        if command.parameters:
+            raise SMTPRejection(R_BAD_PARAMETER)
+        recipient = self._qualify(command.address)
+        if len(session.recipients) >= self.settings.maxRecipients:
+            return R_TOO_MANY_RCPTS
+
+        def accept() -> SMTPReply:
+            lowered = recipient.lowered()
+            if session.sender is not None and all(
+                r.lowered() != lowered for r in session.recipients
+            ):
+                session.recipients.append(recipient)
+            return R_RCPT_OK
+
+        verdict = runChecks(
+            self.factory.recipientChecks, lambda c: c.checkRecipient(session, recipient)
+        )
+        return self._judge(verdict, accept)
+
+    def smtp_DATA(self, argument: str) -> SMTPReply:
+        session = self.session
+        if argument:
+            raise SMTPRejection(R_ARGUMENT)
+        if session.sender is None:
+            raise SMTPRejection(R_MAIL_FIRST)
+        if not session.recipients:
+            raise SMTPRejection(R_RCPT_FIRST)
+        now = self.factory.clock.seconds()
+        self._spool = self.factory.store.openSpool(
+            now,
+            session.sender,
+            list(session.recipients),
+            {"c": session.peerHost, "s": session.sessionId},
+        )
+        protocol = "ESMTP" if session.esmtp else "SMTP"
+        self._spool.write(
+            receivedLine(session.helo, session.peerHost, self.settings.me, protocol, now)
+        )
+        self._data = DataParser(self.settings.databytes)
+        self._mode = _DATA
+        return R_GO_AHEAD
+
+    def smtp_RSET(self, argument: str) -> SMTPReply:
+        self.session.resetTransaction()
+        return R_FLUSHED
+
+    def smtp_NOOP(self, argument: str) -> SMTPReply:
+        return R_OK
+
+    def smtp_VRFY(self, argument: str) -> SMTPReply:
+        return R_VRFY
+
+    def smtp_HELP(self, argument: str) -> SMTPReply:
+        return R_HELP
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self._write(SMTPReply(221, "2.0.0", self.settings.greeting))
+        self._close()
+
+    _handlers: dict[str, Callable[[ESMTPServer, str], Any]] = {
+        "HELO": smtp_HELO,
+        "EHLO": smtp_EHLO,
+        "MAIL": smtp_MAIL,
+        "RCPT": smtp_RCPT,
+        "DATA": smtp_DATA,
+        "RSET": smtp_RSET,
+        "NOOP": smtp_NOOP,
+        "VRFY": smtp_VRFY,
+        "HELP": smtp_HELP,
+        "QUIT": smtp_QUIT,
+    }
+
+    # -- DATA ------------------------------------------------------------------
+
+    def _dataChunk(self, chunk: bytes) -> None:
+        assert self._data is not None and self._spool is not None
+        try:
+            result = self._data.feed(chunk)
+        except BareLineEnding:
+            log.info(
+                "bare CR or LF in DATA from {peer} session {session}: refused, closing",
+                peer=self.session.peerHost,
+                session=self.session.sessionId,
+            )
+            self._write(R_BARE_LF)
+            self._close()
+            return
+        if result.output:
+            self._spool.write(result.output)
+        if result.done:
+            self._buffer = result.rest + self._buffer
+            self._mode = _COMMAND
+            self._answer(self._endOfData())
+        elif self._spool.needsDrain():
+            self._answer(self._spool.whenDrained().addCallback(_noReply))
+
+    def _endOfData(self) -> SMTPReply | Deferred[SMTPReply]:
+        parser, spool = self._data, self._spool
+        assert parser is not None and spool is not None
+        self._data = self._spool = None
+        session = self.session
+        if parser.overflow or parser.hops > self.settings.maxHops:
+            spool.abort()
+            session.resetTransaction()
+            if parser.overflow:
+                log.info(
+                    "message from {peer} too big ({size} bytes): refused",
+                    peer=session.peerHost,
+                    size=parser.size,
+                )
+                return R_TOO_BIG
+            log.info(
+                "message from {peer} looping ({hops} hops): refused",
+                peer=session.peerHost,
+                hops=parser.hops,
+            )
+            return R_HOPS
+        session.resetTransaction()
+        now = int(self.factory.clock.seconds())
+
+        def queued(message: Any) -> SMTPReply:
+            return SMTPReply(250, "2.0.0", f"ok {now} qp {message.msgid}")
+
+        def failed(failure: Failure) -> SMTPReply:
+            log.failure(
+                "could not queue message from {peer} session {session}",
+                failure,
+                peer=session.peerHost,
+                session=session.sessionId,
+            )
+            return R_DISK_FULL if isDiskFull(failure.value) else R_QUEUE_ERROR
+
+        return spool.commit().addCallbacks(queued, failed)
+
+
+def _noReply(_: None) -> SMTPReply | None:
+    return None

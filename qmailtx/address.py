@@ -82,7 +82,7 @@ class Address:
         local, sep, domain = text.rpartition("@")
         if not sep:
             return cls(text, "")
-        return cls(local, domain)
+        return cls(local, domain.lower())
 
 
 def _checkText(text: str) -> None:

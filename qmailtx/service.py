@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -39,6 +40,23 @@ from qmailtx.smtp.factory import SMTPServerFactory, SMTPSettings
 log = Logger()
 
 RECIPIENT_POLICIES = ("relay",)
+
+
+class OrderedMultiService(MultiService):
+    """A MultiService that stops its children one by one, last started first,
+    each only after the one before has finished stopping (the queue manager
+    needs the thread pool until its last delivery has been recorded)."""
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stopChildren())
+
+    async def _stopChildren(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=child.name)
 
 
 class WorkerPoolService(Service):
@@ -116,7 +134,7 @@ def makeMailService(
     assert IReactorCore.providedBy(reactor)
     registry = registry or makeRegistry(config)
     control = config.control
-    top = MultiService()
+    top = OrderedMultiService()
     top.setName("qmailtx")
 
     DataLockService(config).setServiceParent(top)

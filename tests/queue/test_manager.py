@@ -1,0 +1,377 @@
+"""QueueManager with a fake clock and scripted delivery agents."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import errno
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from typing import cast
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from qmailtx.address import Address
+from qmailtx.delivery.interfaces import (
+    DeliveryResult,
+    IDeliveryAgent,
+    delivered,
+    permanent,
+    temporary,
+)
+from qmailtx.queue.bounce import BounceSettings
+from qmailtx.queue.disk import QueueDisk
+from qmailtx.queue.layout import DELIVERED, FAILED, TODO, QueuedMessage
+from qmailtx.queue.manager import QueueManager, QueueSettings
+from qmailtx.queue.store import QueueStore, synchronousRunner
+from qmailtx.testing import RecordingFileSystem
+
+Script = Callable[[QueuedMessage, Address], DeliveryResult | Deferred[DeliveryResult]]
+
+
+@implementer(IDeliveryAgent)
+class ScriptedAgent:
+    """Answers each recipient with ``script(message, recipient)``; records the calls."""
+
+    def __init__(self, clock: MemoryReactorClock, script: Script) -> None:
+        self.clock = clock
+        self.script = script
+        self.calls: list[tuple[float, str, str]] = []
+        self.active = 0
+        self.maxActive = 0
+
+    def batchKey(self, recipient: Address) -> object:
+        return recipient
+
+    def deliver(
+        self, message: QueuedMessage, recipients: list[Address]
+    ) -> Deferred[list[DeliveryResult]]:
+        [recipient] = recipients
+        self.calls.append((self.clock.seconds(), message.msgid, str(recipient)))
+        result = self.script(message, recipient)
+        if isinstance(result, Deferred):
+            self.active += 1
+            self.maxActive = max(self.maxActive, self.active)
+
+            def done(r: DeliveryResult) -> list[DeliveryResult]:
+                self.active -= 1
+                return [r]
+
+            return result.addCallback(done)
+        return succeed([result])
+
+
+def bounceSettings() -> BounceSettings:
+    return BounceSettings(
+        me="mx.test",
+        bouncefrom="MAILER-DAEMON",
+        bouncehost="mx.test",
+        doublebounceto="postmaster",
+        doublebouncehost="mx.test",
+        bouncesubject="failure notice",
+        bouncemessage="Hi. This is the qmail-send program at {host}.\nSorry.\n",
+        doublebouncesubject="failure notice",
+        doublebouncemessage="Hi. This is the qmail-send program at {host}.\nBounce bounced!\n",
+    )
+
+
+class ManagerTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        # Real time: queue files carry real mtimes, read back as next-attempt times.
+        # (whole seconds: the queue stores birth times in seconds)
+        self.clock.advance(int(time.time()))
+        self.events: list[tuple[str, str]] = []
+        self.fs = RecordingFileSystem(self.events)
+        self.disk = QueueDisk(self.mktemp(), self.fs)
+        self.disk.create()
+        self.store = QueueStore(self.disk, synchronousRunner)
+        self.logs: list[LogEvent] = []
+        observer = cast(ILogObserver, self.logs.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def makeManager(
+        self,
+        local: Script,
+        remote: Script | None = None,
+        concurrency: int = 10,
+        lifetime: float = 604800,
+    ) -> QueueManager:
+        self.local = ScriptedAgent(self.clock, local)
+        self.remote = ScriptedAgent(
+            self.clock, remote or (lambda m, r: temporary("later (#4.4.1)"))
+        )
+        verifyObject(IDeliveryAgent, self.local)
+        manager = QueueManager(
+            self.clock,
+            self.store,
+            {"local": self.local, "remote": self.remote},
+            lambda r: "local" if r.domain in ("mx.test", "localhost") else "remote",
+            QueueSettings(
+                {"local": concurrency, "remote": concurrency}, lifetime, bounceSettings()
+            ),
+        )
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        return manager
+
+    def inject(self, sender: str, *recipients: str, body: bytes = b"Subject: t\n\nbody\n") -> str:
+        message = self.store.inject(
+            self.clock.seconds(),
+            Address.fromStored(sender),
+            [Address.fromStored(r) for r in recipients],
+            body,
+            {},
+        )
+        result: list[QueuedMessage] = []
+        message.addCallback(result.append)
+        return result[0].msgid
+
+    def queuedMessages(self) -> list[QueuedMessage]:
+        return self.disk.scan().messages
+
+    def logText(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.logs]
+
+
+def parseBounce(content: bytes) -> EmailMessage:
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+class DeliveryTests(ManagerTestCase):
+    def test_newMessageDeliveredAtOnceAndRemoved(self) -> None:
+        manager = self.makeManager(lambda m, r: delivered("did 0+0+1/"))
+        msgid = self.inject("a@b.example", "u@mx.test")
+        self.assertEqual(self.local.calls, [(self.clock.seconds(), msgid, "u@mx.test")])
+        self.assertEqual(self.queuedMessages(), [])
+        self.assertNotIn(msgid, manager.messages)
+        text = self.logText()
+        self.assertIn(f"new msg {msgid}", text)
+        self.assertIn("delivery 1: success: did_0+0+1/", text)
+        self.assertIn(f"end msg {msgid}", text)
+
+    def test_temporaryFailuresFollowTheQmailSchedule(self) -> None:
+        self.makeManager(lambda m, r: temporary("busy (#4.2.1)"))
+        birth = self.clock.seconds()
+        self.inject("a@b.example", "u@mx.test")
+        for _ in range(5):
+            self.clock.advance(self.remainingToNextCall())
+        self.assertEqual(
+            [t - birth for t, _, _ in self.local.calls], [0, 100, 400, 900, 1600, 2500]
+        )
+        [message] = self.queuedMessages()
+        self.assertEqual(message.states, [TODO])
+
+    def remainingToNextCall(self) -> float:
+        calls = self.clock.getDelayedCalls()
+        return min(c.getTime() for c in calls) - self.clock.seconds()
+
+    def test_remoteScheduleUsesItsOwnSkip(self) -> None:
+        self.makeManager(lambda m, r: delivered("ok"))
+        birth = self.clock.seconds()
+        self.inject("a@b.example", "u@remote.example")
+        for _ in range(3):
+            self.clock.advance(self.remainingToNextCall())
+        self.assertEqual([t - birth for t, _, _ in self.remote.calls], [0, 400, 1600, 3600])
+
+    def test_concurrencyLimitIsNeverExceeded(self) -> None:
+        pending: list[Deferred[DeliveryResult]] = []
+
+        def hold(m: QueuedMessage, r: Address) -> Deferred[DeliveryResult]:
+            d: Deferred[DeliveryResult] = Deferred()
+            pending.append(d)
+            return d
+
+        self.makeManager(hold, concurrency=3)
+        for i in range(10):
+            self.inject("a@b.example", f"u{i}@mx.test")
+        self.assertEqual(len(pending), 3)
+        while pending:
+            pending.pop(0).callback(delivered("ok"))
+        self.assertEqual(self.local.maxActive, 3)
+        self.assertEqual(len(self.local.calls), 10)
+        self.assertEqual(self.queuedMessages(), [])
+
+    def test_stopWaitsForRunningDeliveries(self) -> None:
+        pending: list[Deferred[DeliveryResult]] = []
+
+        def hold(m: QueuedMessage, r: Address) -> Deferred[DeliveryResult]:
+            d: Deferred[DeliveryResult] = Deferred()
+            pending.append(d)
+            return d
+
+        manager = self.makeManager(hold)
+        self.inject("a@b.example", "u@mx.test")
+        stopped: list[None] = []
+        manager.stopService().addCallback(stopped.append)
+        self.assertEqual(stopped, [])
+        pending[0].callback(delivered("ok"))
+        self.assertEqual(stopped, [None])
+
+
+class BounceTests(ManagerTestCase):
+    def bounces(self) -> list[QueuedMessage]:
+        return [m for m in self.queuedMessages() if m.info.get("b")]
+
+    def test_permanentFailureBouncesToTheSender(self) -> None:
+        def script(m: QueuedMessage, r: Address) -> DeliveryResult:
+            if r.local == "nobody":
+                return permanent("Sorry, no mailbox here by that name. (#5.1.1)")
+            return delivered("ok") if r.domain == "mx.test" else temporary("no route (#4.4.1)")
+
+        # the sender is remote, so its bounce stays queued where we can read it
+        self.makeManager(script)
+        msgid = self.inject(
+            "a@b.example",
+            "u@mx.test",
+            "nobody@mx.test",
+            "r@remote.example",
+            body=b"Subject: original\n\nsecret body\n",
+        )
+        [bounce] = self.bounces()
+        self.assertEqual(bounce.sender, Address.null())
+        self.assertEqual(bounce.recipients, [Address("a", "b.example")])
+        parsed = parseBounce(self.disk.readMessage(bounce, 100000))
+        self.assertEqual(parsed["To"], "a@b.example")
+        self.assertEqual(parsed["Subject"], "failure notice")
+        self.assertEqual(parsed.get_content_type(), "multipart/report")
+        self.assertEqual(parsed.get_param("report-type"), "delivery-status")
+        human, status, original = parsed.iter_parts()
+        text = human.get_content()
+        self.assertTrue(text.startswith("Hi. This is the qmail-send program at mx.test.\n"))
+        self.assertIn("<nobody@mx.test>:\nSorry, no mailbox here by that name. (#5.1.1)\n", text)
+        self.assertIn("\n--- Below this line is the header of the message.\n", text)
+        self.assertEqual(status.get_content_type(), "message/delivery-status")
+        fields = str(status)
+        self.assertIn("Final-Recipient: rfc822; nobody@mx.test", fields)
+        self.assertIn("Status: 5.1.1", fields)
+        self.assertIn("Action: failed", fields)
+        self.assertEqual(original.get_content_type(), "text/rfc822-headers")
+        self.assertIn(b"Subject: original", original.as_bytes())
+        self.assertNotIn(b"secret body", original.as_bytes())
+        [orig] = [m for m in self.queuedMessages() if m.msgid == msgid]
+        self.assertEqual(orig.states, [DELIVERED, FAILED, TODO])
+        self.assertIn(f"bounce msg {msgid} qp {bounce.msgid}", self.logText())
+
+    def test_bounceIsDurableBeforeTheOriginalIsMarked(self) -> None:
+        def script(m: QueuedMessage, r: Address) -> DeliveryResult:
+            return permanent("no (#5.1.1)") if r.local == "x" else temporary("later (#4.2.1)")
+
+        self.makeManager(script)
+        del self.events[:]
+        msgid = self.inject("a@b.example", "x@mx.test", "y@mx.test")
+        ops = [(op, path) for op, path in self.events if op in ("link", "fsyncdir", "fsync")]
+        bounceLink = next(i for i, (op, p) in enumerate(ops) if op == "link" and msgid not in p)
+        bounceDirSync = next(
+            i for i, (op, _) in enumerate(ops) if op == "fsyncdir" and i > bounceLink
+        )
+        markSync = max(i for i, (op, p) in enumerate(ops) if op == "fsync" and msgid in p)
+        self.assertLess(bounceDirSync, markSync)
+
+    def test_nullSenderFailureGoesToThePostmaster(self) -> None:
+        self.makeManager(
+            lambda m, r: permanent("no (#5.1.1)") if r.local == "x" else temporary("x (#4.3.0)")
+        )
+        self.inject("", "x@mx.test")
+        [bounce] = self.bounces()
+        self.assertEqual(bounce.sender, Address("#", "[]"))
+        self.assertEqual(bounce.recipients, [Address("postmaster", "mx.test")])
+        text = self.disk.readMessage(bounce, 100000)
+        self.assertIn(b"Bounce bounced!", text)
+        self.assertIn(b"--- Below this line is the original bounce.", text)
+
+    def test_doubleBounceFailureIsDiscarded(self) -> None:
+        self.makeManager(lambda m, r: permanent("no (#5.1.1)"))
+        msgid = self.inject("#@[]", "postmaster@mx.test")
+        self.assertEqual(self.queuedMessages(), [])
+        self.assertIn(f"triple bounce: discarding msg {msgid}", self.logText())
+
+    def test_bounceToANullSenderNeverLoops(self) -> None:
+        """A failing bounce makes one double bounce; a failing double bounce ends it."""
+        self.makeManager(lambda m, r: permanent("no (#5.1.1)"))
+        self.inject("a@mx.test", "x@mx.test")
+        self.assertEqual(self.queuedMessages(), [])
+        # x, then a (the bounce), then postmaster (the double bounce), then nothing
+        self.assertEqual(
+            [r for _, _, r in self.local.calls], ["x@mx.test", "a@mx.test", "postmaster@mx.test"]
+        )
+        self.assertEqual(sum("triple bounce" in t for t in self.logText()), 1)
+
+    def test_queueLifetimeTurnsDeferralsIntoOneBounce(self) -> None:
+        self.makeManager(lambda m, r: temporary("Sorry, busy. (#4.2.1)"), lifetime=3600)
+        birth = self.clock.seconds()
+        msgid = self.inject("a@b.example", "u@mx.test")
+        while msgid in [m.msgid for m in self.queuedMessages()]:
+            self.clock.advance(self.remainingToNextCall())
+        times = [t - birth for t, m, _ in self.local.calls if m == msgid]
+        self.assertEqual(times, [0, 100, 400, 900, 1600, 2500, 3600])
+        [bounce] = self.bounces()
+        text = self.disk.readMessage(bounce, 100000)
+        self.assertIn(
+            b"Sorry, busy. (#4.2.1)\nI'm not going to try again; "
+            b"this message has been in the queue too long.\n",
+            text,
+        )
+
+    def remainingToNextCall(self) -> float:
+        return min(c.getTime() for c in self.clock.getDelayedCalls()) - self.clock.seconds()
+
+    def test_bounceThatCannotBeQueuedIsRetried(self) -> None:
+        held: list[Deferred[DeliveryResult]] = []
+
+        def script(m: QueuedMessage, r: Address) -> Deferred[DeliveryResult]:
+            held.append(Deferred())
+            return held[-1]
+
+        self.makeManager(script)
+        msgid = self.inject("a@b.example", "x@mx.test")
+        self.fs.failOn["fsyncdir"] = errno.ENOSPC
+        held.pop().callback(permanent("no (#5.1.1)"))
+        self.flushLoggedErrors(OSError)
+        [message] = self.queuedMessages()
+        self.assertEqual((message.msgid, message.states), (msgid, [TODO]))
+        self.clock.advance(100)
+        held.pop().callback(permanent("no (#5.1.1)"))
+        [bounce] = self.queuedMessages()
+        self.assertEqual(bounce.info.get("b"), msgid)
+
+
+class RecoveryTests(ManagerTestCase):
+    def test_startupPicksUpQueuedMessages(self) -> None:
+        waiting = [
+            self.disk.inject(
+                self.clock.seconds(),
+                Address("a", "b.example"),
+                [Address("u", "mx.test"), Address("v", "mx.test")],
+                b"x\n",
+                {},
+            )
+            for _ in range(3)
+        ]
+        self.disk.mark(waiting[0], {0: DELIVERED}, self.clock.seconds())
+        for message in waiting[1:]:
+            self.disk.setNextAttempt(message, self.clock.seconds())
+        self.makeManager(lambda m, r: delivered("ok"))
+        self.assertEqual(len(self.local.calls), 5)
+        self.assertEqual(self.queuedMessages(), [])
+
+    def test_nextAttemptSurvivesARestart(self) -> None:
+        message = self.disk.inject(
+            self.clock.seconds(), Address("a", "b.example"), [Address("u", "mx.test")], b"x\n", {}
+        )
+        self.disk.mark(message, {}, self.clock.seconds() + 500)
+        self.makeManager(lambda m, r: delivered("ok"))
+        self.assertEqual(self.local.calls, [])
+        self.clock.advance(500)
+        self.assertEqual(len(self.local.calls), 1)

@@ -1,0 +1,147 @@
+"""Configuration: TOML, the qmail control directory, and their errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from qmailtx.config import ConfigError, defaultConfig, loadConfig, parseConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ETC = os.path.join(os.path.dirname(HERE), "etc")
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_annotatedDefaultEqualsTheBuiltInDefault(self) -> None:
+        fromFile = loadConfig(os.path.join(ETC, "qmailtx.toml"))
+        builtIn = defaultConfig(ETC)
+        self.assertEqual(dataclasses.replace(fromFile, source=builtIn.source), builtIn)
+
+    def test_defaults(self) -> None:
+        config = defaultConfig("/srv/mail")
+        self.assertEqual(config.paths.data, "/srv/mail/var")
+        self.assertEqual(config.smtp.listen, ("tcp:2525:interface=127.0.0.1",))
+        self.assertEqual(
+            config.smtp.relay_clients,
+            (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        )
+        self.assertIn("localhost", config.control.locals)
+        self.assertEqual(config.control.queuelifetime, 604800)
+        self.assertEqual(
+            (config.control.concurrencylocal, config.control.concurrencyremote), (10, 20)
+        )
+        self.assertEqual(config.control.bouncefrom, "MAILER-DAEMON")
+        self.assertEqual(config.control.doublebounceto, "postmaster")
+
+    def test_meDrivesTheOtherDefaults(self) -> None:
+        config = parseConfig('[control]\nme = "mail.example.com"\n', "/x")
+        control = config.control
+        self.assertEqual(control.locals, ("mail.example.com", "localhost"))
+        self.assertEqual(
+            (
+                control.smtpgreeting,
+                control.bouncehost,
+                control.doublebouncehost,
+                control.envnoathost,
+            ),
+            ("mail.example.com",) * 4,
+        )
+
+    def test_relativePathsFollowTheConfigFile(self) -> None:
+        config = parseConfig('[paths]\ndata = "spool"\n', "/etc/qmailtx")
+        self.assertEqual(config.paths.data, "/etc/qmailtx/spool")
+
+
+class ErrorTests(SynchronousTestCase):
+    def assertConfigError(self, text: str, expected: str) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parseConfig(text, "/x", source="q.toml")
+        self.assertIn(expected, str(caught.exception))
+
+    def test_unknownKeys(self) -> None:
+        self.assertConfigError("[smtp]\nlisen = []\n", "q.toml: unknown key [smtp] lisen")
+        self.assertConfigError("[smtpd]\n", "unknown key [smtpd]")
+        self.assertConfigError("[control]\nfoo = 1\n", "unknown key [control] foo")
+
+    def test_wrongTypes(self) -> None:
+        self.assertConfigError(
+            '[smtp]\nlisten = "tcp:25"\n', "[smtp] listen must be a list of strings"
+        )
+        self.assertConfigError(
+            '[smtp]\nrelay_clients = ["nonsense"]\n', "[smtp] relay_clients must be"
+        )
+        self.assertConfigError(
+            "[smtp]\nmax_recipients = 10\n", "[smtp] max_recipients must be an integer >= 100"
+        )
+        self.assertConfigError(
+            '[control]\ndatabytes = "big"\n', "[control] databytes must be an integer"
+        )
+        self.assertConfigError(
+            "[control]\nlocals = 3\n", "[control] locals must be a list of strings"
+        )
+
+    def test_badToml(self) -> None:
+        self.assertConfigError("[smtp\n", "q.toml: not valid TOML")
+
+    def test_missingFiles(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            loadConfig("/nonexistent/qmailtx.toml")
+        self.assertIn("/nonexistent/qmailtx.toml", str(caught.exception))
+        self.assertConfigError(
+            '[paths]\ncontrol = "/nonexistent/control"\n', "/nonexistent/control"
+        )
+        self.assertConfigError(
+            '[tls]\ncertificate = "/nonexistent/cert.pem"\n', "/nonexistent/cert.pem"
+        )
+
+
+class ControlDirectoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.base = self.mktemp()
+        self.control = os.path.join(self.base, "control")
+        os.makedirs(self.control)
+
+    def write(self, name: str, text: str) -> None:
+        with open(os.path.join(self.control, name), "w") as f:
+            f.write(text)
+
+    def parse(self, extra: str = "") -> object:
+        return parseConfig('[paths]\ncontrol = "control"\n' + extra, self.base, source="q.toml")
+
+    def test_qmailFilesAreRead(self) -> None:
+        self.write("me", "mail.example.com\n")
+        self.write("locals", "# ours\nexample.com \t\nlocalhost\n\n")
+        self.write("rcpthosts", "example.com\n.example.net\n")
+        self.write("virtualdomains", "virt.example:virt.example\n")
+        self.write("databytes", "2000000\n")
+        self.write("timeoutsmtpd", "0\n")
+        self.write("bouncemessage", "Line one.\nLine two.\n")
+        self.write("servercert.pem", "not read yet")
+        config = self.parse()
+        control = config.control  # type: ignore[attr-defined]
+        self.assertEqual(control.me, "mail.example.com")
+        self.assertEqual(control.locals, ("example.com", "localhost"))
+        self.assertEqual(control.rcpthosts, ("example.com", ".example.net"))
+        self.assertEqual(control.virtualdomains, ("virt.example:virt.example",))
+        self.assertEqual(control.databytes, 2000000)
+        self.assertEqual(control.timeoutsmtpd, 1)  # qmail: values <= 0 become 1
+        self.assertEqual(control.bouncemessage, "Line one.\nLine two.\n")
+        self.assertEqual(control.smtpgreeting, "mail.example.com")
+        self.assertEqual(config.unusedControlFiles, ("servercert.pem",))  # type: ignore[attr-defined]
+
+    def test_settingInBothPlacesIsRefused(self) -> None:
+        self.write("databytes", "1000\n")
+        with self.assertRaises(ConfigError) as caught:
+            self.parse("[control]\ndatabytes = 2000\n")
+        self.assertIn(
+            "[control] databytes is also set by control file databytes", str(caught.exception)
+        )
+
+    def test_badNumberNamesTheFile(self) -> None:
+        self.write("concurrencyremote", "lots\n")
+        with self.assertRaises(ConfigError) as caught:
+            self.parse()
+        self.assertIn("control file concurrencyremote", str(caught.exception))

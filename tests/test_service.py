@@ -1,0 +1,236 @@
+"""End to end on loopback: the embedded service with smtplib and swaks."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import shutil
+import smtplib
+import time
+from typing import Any, cast
+
+from twisted.application.service import Application, IService, MultiService, Service
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from qmailtx import makeMailService
+from qmailtx.config import Config
+from qmailtx.tap import Options
+from qmailtx.testing import makeTestConfig
+
+LISTEN = '[smtp]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+SWAKS = shutil.which("swaks")
+
+
+class RunningServer:
+    """A started makeMailService inside an Application, with its SMTP port."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.application = Application("test")
+        self.mail = makeMailService(reactor, config)
+        self.mail.setServiceParent(IService(self.application))
+        self.other = Service()
+        self.other.setName("mine")
+        self.other.setServiceParent(IService(self.application))
+
+    async def start(self) -> int:
+        IService(self.application).startService()
+        smtp = cast(MultiService, self.mail.getServiceNamed("smtp"))
+        listener = list(smtp)[0]
+        port: IListeningPort = await listener._waitingForPort
+        return cast(int, port.getHost().port)  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        await cast(Deferred[None], IService(self.application).stopService())
+
+    def maildir(self, user: str, domain: str = "localhost") -> str:
+        return os.path.join(self.config.paths.data, "domains", domain, user, "Maildir")
+
+    async def waitForMail(
+        self, user: str, count: int = 1, domain: str = "localhost"
+    ) -> list[bytes]:
+        new = os.path.join(self.maildir(user, domain), "new")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            names = sorted(os.listdir(new)) if os.path.isdir(new) else []
+            if len(names) >= count:
+                out = []
+                for name in names:
+                    with open(os.path.join(new, name), "rb") as f:
+                        out.append(f.read())
+                return out
+            await deferLater(reactor, 0.02, lambda: None)
+        raise AssertionError(f"no mail for {user}@{domain} after 10 s")
+
+
+def send(port: int, sender: str, recipients: list[str], message: bytes) -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return cast(dict[str, Any], client.sendmail(sender, recipients, message))
+
+
+class EmbeddedServiceTests(TestCase):
+    async def startServer(self, toml: str = LISTEN) -> tuple[RunningServer, int]:
+        server = RunningServer(makeTestConfig(self.mktemp(), toml))
+        port = await server.start()
+        self.addCleanup(server.stop)
+        return server, port
+
+    async def test_minimalConfigDeliversToPostmaster(self) -> None:
+        server, port = await self.startServer()
+        self.assertEqual(server.mail.getServiceNamed("queue").name, "queue")
+        self.assertTrue(server.other.running)
+        message = b"Subject: first\r\n\r\nHello, postmaster.\r\n.leading dot\r\n"
+        refused = await deferToThread(
+            send, port, "sender@example.org", ["postmaster@localhost"], message
+        )
+        self.assertEqual(refused, {})
+        [delivered] = await server.waitForMail("postmaster")
+        lines = delivered.split(b"\n")
+        self.assertEqual(lines[0], b"Return-Path: <sender@example.org>")
+        self.assertEqual(lines[1], b"Delivered-To: postmaster@localhost")
+        self.assertTrue(lines[2].startswith(b"Received: from unknown (HELO "))
+        self.assertTrue(delivered.endswith(b"Subject: first\n\nHello, postmaster.\n.leading dot\n"))
+
+    async def test_unknownLocalUserBouncesToTheSender(self) -> None:
+        server, port = await self.startServer()
+        await deferToThread(
+            send, port, "postmaster@localhost", ["nobody@localhost"], b"Subject: lost\r\n\r\nx\r\n"
+        )
+        [bounce] = await server.waitForMail("postmaster")
+        parsed = email.message_from_bytes(bounce, policy=email.policy.default)
+        self.assertEqual(parsed.get_content_type(), "multipart/report")
+        self.assertIn(b"Return-Path: <>", bounce)
+        self.assertIn(b"<nobody@localhost>:\nSorry, no mailbox here by that name. (#5.1.1)", bounce)
+        self.assertIn(b"Subject: lost", bounce)
+
+    async def test_relayRefusedForClientsNotListed(self) -> None:
+        server, port = await self.startServer(LISTEN + "relay_clients = []\n")
+
+        def attempt() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("client.example")
+                client.mail("postmaster@localhost")
+                return client.rcpt("victim@elsewhere.example")
+
+        code, text = await deferToThread(attempt)
+        self.assertEqual(code, 553)
+        self.assertEqual(text, b"5.7.1 sorry, that domain isn't in my list of allowed rcpthosts")
+
+    async def test_stopAndRestartKeepsQueuedMail(self) -> None:
+        config = makeTestConfig(self.mktemp(), LISTEN)
+        first = RunningServer(config)
+        port = await first.start()
+        await deferToThread(send, port, "a@example.org", ["someone@remote.example"], b"x\r\n")
+        await first.stop()
+        mess = os.path.join(config.paths.data, "queue", "mess")
+        queued = [f for _, _, files in os.walk(mess) for f in files]
+        self.assertEqual(len(queued), 1)
+        second = RunningServer(config)
+        await second.start()
+        self.addCleanup(second.stop)
+        manager = second.mail.getServiceNamed("queue")
+        await manager.recovered
+        self.assertEqual(list(manager.messages), queued)
+
+    async def test_swaksDelivers(self) -> None:
+        if SWAKS is None:
+            raise AssertionError("swaks is not installed (apt-get install swaks)")
+        server, port = await self.startServer()
+        out, err, code = await getProcessOutputAndValue(
+            SWAKS,
+            [
+                "--server",
+                f"127.0.0.1:{port}",
+                "--from",
+                "swaks@example.org",
+                "--to",
+                "postmaster@localhost",
+                "--header",
+                "Subject: via swaks",
+                "--body",
+                "hello from swaks",
+            ],
+            env=os.environ,
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"<-  250 2.0.0 ok ", out)
+        [delivered] = await server.waitForMail("postmaster")
+        self.assertIn(b"Subject: via swaks", delivered)
+        self.assertIn(b"hello from swaks", delivered)
+
+    async def test_swaksRelayRefused(self) -> None:
+        if SWAKS is None:
+            raise AssertionError("swaks is not installed (apt-get install swaks)")
+        server, port = await self.startServer(LISTEN + "relay_clients = []\n")
+        for rcpt in ["x@elsewhere.example", "@localhost:x@elsewhere.example", "x@[192.0.2.9]"]:
+            out, err, code = await getProcessOutputAndValue(
+                SWAKS,
+                ["--server", f"127.0.0.1:{port}", "--from", "postmaster@localhost", "--to", rcpt],
+                env=os.environ,
+            )
+            self.assertNotEqual(code, 0, rcpt)
+            self.assertIn(
+                b"<** 553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts", out
+            )
+        mess = os.path.join(server.config.paths.data, "queue", "mess")
+        self.assertEqual([f for _, _, files in os.walk(mess) for f in files], [])
+
+
+class TwistdPluginTests(TestCase):
+    def test_pluginIsFound(self) -> None:
+        from twisted.application.service import IServiceMaker
+
+        names = [p.tapname for p in getPlugins(IServiceMaker)]
+        self.assertIn("qmailtx", names)
+
+    def test_badConfigIsAUsageError(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[smtp]\nlisen = []\n")
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--config", path])
+        self.assertIn("unknown key [smtp] lisen", str(caught.exception))
+
+    def test_missingConfigIsAUsageError(self) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--config", "/nonexistent.toml"])
+        self.assertIn("/nonexistent.toml", str(caught.exception))
+
+
+class OrderedStopTests(TestCase):
+    def test_childrenStopOneAfterAnother(self) -> None:
+        from qmailtx.service import OrderedMultiService
+
+        stops: list[str] = []
+        slow: Deferred[None] = Deferred()
+
+        class Recorder(Service):
+            def __init__(self, name: str, result: Deferred[None] | None = None) -> None:
+                self.setName(name)
+                self.result = result
+
+            def stopService(self) -> Deferred[None] | None:
+                super().stopService()
+                stops.append(self.name)
+                return self.result
+
+        top = OrderedMultiService()
+        Recorder("workers").setServiceParent(top)
+        Recorder("queue", slow).setServiceParent(top)
+        Recorder("smtp").setServiceParent(top)
+        top.startService()
+        done: list[None] = []
+        top.stopService().addCallback(done.append)
+        self.assertEqual(stops, ["smtp", "queue"])  # workers wait for the queue
+        slow.callback(None)
+        self.assertEqual(stops, ["smtp", "queue", "workers"])
+        self.assertEqual(done, [None])

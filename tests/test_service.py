@@ -220,7 +220,7 @@ class OrderedStopTests(TestCase):
 
             def stopService(self) -> Deferred[None] | None:
                 super().stopService()
-                stops.append(self.name)
+                stops.append(str(self.name))
                 return self.result
 
         top = OrderedMultiService()

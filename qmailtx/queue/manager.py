@@ -124,7 +124,13 @@ class QueueManager(Service):
         self._timer = None
         for jobs in self._waiting.values():
             jobs.clear()  # still queued on disk; taken up again at the next start
-        return self.whenIdle()
+        return self.whenIdle().addCallback(self._forget)
+
+    def _forget(self, _: object) -> None:
+        """After a stop, keep nothing: a later start reads the queue afresh."""
+        self.messages.clear()
+        self._heap.clear()
+        self.recovered = Deferred()
 
     def whenIdle(self) -> Deferred[None]:
         """Fires when no delivery is running and no attempt is being finished."""

@@ -193,16 +193,21 @@ class QueueDisk:
 
     # -- delivery bookkeeping ----------------------------------------------
 
-    def mark(self, message: QueuedMessage, changes: dict[int, str], nextAttempt: float) -> None:
-        """Overwrite recipients' state letters in place and make that durable."""
-        fd = self.fs.openUpdate(message.path)
-        try:
-            for index, letter in sorted(changes.items()):
-                self.fs.pwrite(fd, letter.encode("ascii"), message.stateOffsets[index])
-            self.fs.fdatasync(fd)
-        finally:
-            self.fs.close(fd)
-        self.setNextAttempt(message, nextAttempt)
+    def mark(
+        self, message: QueuedMessage, changes: dict[int, str], nextAttempt: float | None
+    ) -> None:
+        """Overwrite recipients' state letters in place and make that durable;
+        remember the next attempt (if given) in the file's mtime."""
+        if changes:
+            fd = self.fs.openUpdate(message.path)
+            try:
+                for index, letter in sorted(changes.items()):
+                    self.fs.pwrite(fd, letter.encode("ascii"), message.stateOffsets[index])
+                self.fs.fdatasync(fd)
+            finally:
+                self.fs.close(fd)
+        if nextAttempt is not None:
+            self.setNextAttempt(message, nextAttempt)
 
     def setNextAttempt(self, message: QueuedMessage, when: float) -> None:
         """Remember the next attempt in the file's mtime (like Postfix); not fsync'd."""

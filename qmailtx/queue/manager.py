@@ -103,7 +103,6 @@ class QueueManager(Service):
         self._timer: IDelayedCall | None = None
         self._waiting: dict[str, deque[_Job]] = {c: deque() for c in self.agents}
         self._active: dict[str, int] = {c: 0 for c in self.agents}
-        self._finishing = 0
         self._idleWaiters: list[Deferred[None]] = []
         self._stopping = False
         self.recovered: Deferred[ScanResult] = Deferred()
@@ -133,7 +132,7 @@ class QueueManager(Service):
         self.recovered = Deferred()
 
     def whenIdle(self) -> Deferred[None]:
-        """Fires when no delivery is running and no attempt is being finished."""
+        """Fires when no delivery is running or being recorded."""
         if self._isIdle():
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -141,7 +140,7 @@ class QueueManager(Service):
         return d
 
     def _isIdle(self) -> bool:
-        return not self._finishing and not any(self._active.values())
+        return not any(self._active.values())
 
     def _checkIdle(self) -> None:
         if self._isIdle():
@@ -297,9 +296,14 @@ class QueueManager(Service):
         d.addErrback(self._bug, message.msgid)
 
     def _jobDone(self, results: list[DeliveryResult], job: _Job, delivery: int) -> None:
+        """Record a job's results, then free its slot.
+
+        The slot stays taken until the deliveries it made are on disk (their
+        recipients marked done, or the message removed), so a crash repeats
+        at most as many deliveries as the channel's concurrency allows.
+        """
         attempt = job.attempt
-        channel = attempt.channel
-        self._active[channel] -= 1
+        state = attempt.state
         if len(results) != len(job.indices):
             results = [temporary("Delivery agent gave no result. (#4.3.0)")] * len(job.indices)
         for index, result in zip(job.indices, results, strict=True):
@@ -313,17 +317,33 @@ class QueueManager(Service):
                 rcpt=str(attempt.state.message.recipients[index]),
             )
         attempt.outstanding -= 1
+        done = [i for i in job.indices if attempt.results[i].outcome is Outcome.DELIVERED]
         if attempt.outstanding == 0:
-            self._finishing += 1
-            d = attempt.state.lock.run(self._finishAttempt, attempt)
-            d.addErrback(self._bug, attempt.state.message.msgid)
-            d.addBoth(self._finished)
+            d = state.lock.run(self._finishAttempt, attempt)
+        elif done:
+            d = state.lock.run(self._markDelivered, state, done)
+        else:
+            d = succeed(None)
+        d.addErrback(self._bug, state.message.msgid)
+        d.addBoth(self._releaseSlot, attempt.channel)
+
+    def _releaseSlot(self, _: object, channel: str) -> None:
+        self._active[channel] -= 1
         self._pump(channel)
         self._checkIdle()
 
-    def _finished(self, _: object) -> None:
-        self._finishing -= 1
-        self._checkIdle()
+    def _markDelivered(self, state: _MessageState, indices: list[int]) -> Deferred[None]:
+        message = state.message
+        changes = {i: DELIVERED for i in indices if message.states[i] == TODO}
+        for index in changes:
+            message.states[index] = DELIVERED
+
+        def failed(failure: Failure) -> None:
+            log.failure(
+                "could not record delivery state of msg {msgid}", failure, msgid=message.msgid
+            )
+
+        return self.store.mark(message, changes, None).addErrback(failed)
 
     def _finishAttempt(self, attempt: _Attempt) -> Deferred[None]:
         return Deferred.fromCoroutine(self._finishAttemptAsync(attempt))
@@ -338,7 +358,8 @@ class QueueManager(Service):
         retry = False
         for index, result in sorted(attempt.results.items()):
             if result.outcome is Outcome.DELIVERED:
-                changes[index] = DELIVERED
+                if message.states[index] == TODO:
+                    changes[index] = DELIVERED
             elif result.outcome is Outcome.PERMANENT:
                 failed.append((index, result.text))
             elif final:

@@ -183,7 +183,7 @@ class QueueStore:
         return self._run(self.disk.scan)
 
     def mark(
-        self, message: QueuedMessage, changes: dict[int, str], nextAttempt: float
+        self, message: QueuedMessage, changes: dict[int, str], nextAttempt: float | None
     ) -> Deferred[None]:
         return self._run(self.disk.mark, message, changes, nextAttempt)
 

@@ -375,3 +375,50 @@ class RecoveryTests(ManagerTestCase):
         self.assertEqual(self.local.calls, [])
         self.clock.advance(500)
         self.assertEqual(len(self.local.calls), 1)
+
+
+class ManualRunner:
+    """Disk work that runs only when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[..., object], tuple[object, ...], Deferred[object]]] = []
+
+    def __call__(self, f: Callable[..., object], *args: object) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        self.pending.append((f, args, d))
+        return d
+
+    def runOne(self) -> None:
+        f, args, d = self.pending.pop(0)
+        d.callback(f(*args))
+
+
+class CrashWindowTests(ManagerTestCase):
+    def test_slotIsHeldUntilTheDeliveryIsRecorded(self) -> None:
+        """Finished-but-unrecorded deliveries count against the concurrency limit,
+        so a crash can repeat at most `concurrency` deliveries."""
+        runner = ManualRunner()
+        self.store = QueueStore(self.disk, runner)
+        manager = self.makeManager(lambda m, r: delivered("ok"), concurrency=2)
+        for i in range(3):
+            message = self.disk.inject(
+                self.clock.seconds(),
+                Address("a", "b.example"),
+                [Address(f"u{i}", "mx.test"), Address(f"v{i}", "mx.test")],
+                b"x\n",
+                {},
+            )
+            manager.add(message)
+        self.assertEqual(len(self.local.calls), 2)  # both slots busy recording
+        while runner.pending:
+            runner.runOne()
+            deliveredTo = {rcpt for _, _, rcpt in self.local.calls}
+            stillToDo = {
+                str(r)
+                for m in self.disk.scan().messages
+                for r, state in zip(m.recipients, m.states, strict=True)
+                if state == TODO
+            }
+            self.assertLessEqual(len(deliveredTo & stillToDo), 2)
+        self.assertEqual(len(self.local.calls), 6)
+        self.assertEqual(self.disk.scan().messages, [])

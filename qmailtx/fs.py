@@ -8,12 +8,54 @@ worker thread.
 
 from __future__ import annotations
 
+import errno
 import os
+
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
 
 class FileSystem:
+    """The real thing. ``anonymous=False`` turns off O_TMPFILE (see openAnonymous)."""
+
+    def __init__(self, anonymous: bool = True) -> None:
+        self._anonymous = anonymous and bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
+        self._procFds: int | None = None
+
     def openExclusive(self, path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def openAnonymous(self, directory: str, fallbackName: str) -> tuple[int, str | None]:
+        """A new file that has no name until ``linkInto`` gives it one.
+
+        On Linux this is O_TMPFILE: an unfinished file has no directory entry,
+        so a crash leaves nothing behind and nothing can see it half-written.
+        Where O_TMPFILE is missing, the file is created as ``fallbackName``
+        (under ``directory``) and that name is returned for linking and removal.
+        """
+        if self._anonymous:
+            try:
+                fd = os.open(directory, _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                return fd, None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._anonymous = False
+        path = os.path.join(directory, fallbackName)
+        return self.openExclusive(path), path
+
+    def linkInto(self, fd: int, name: str | None, target: str) -> None:
+        """Give the file from openAnonymous its final name (EEXIST if taken)."""
+        if name is None:
+            # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names the unnamed
+            # inode. Python calls plain link() unless a dir fd is given, and
+            # link() does not follow the magic link: hence the dir fd.
+            if self._procFds is None:
+                self._procFds = os.open(
+                    "/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
+            os.link(str(fd), target, src_dir_fd=self._procFds, follow_symlinks=True)
+        else:
+            os.link(name, target)
 
     def openRead(self, path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)

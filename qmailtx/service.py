@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-from functools import partial
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -18,9 +17,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from qmailtx.address import Address
 from qmailtx.config import Config, ConfigError
@@ -36,6 +33,7 @@ from qmailtx.queue.manager import QueueManager, QueueSettings
 from qmailtx.queue.store import QueueStore
 from qmailtx.registry import Registry, makeRegistry, resolve
 from qmailtx.smtp.factory import SMTPServerFactory, SMTPSettings
+from qmailtx.workers import WorkerPool
 
 log = Logger()
 
@@ -60,9 +58,9 @@ class OrderedMultiService(MultiService):
 
 
 class WorkerPoolService(Service):
-    """Owns the thread pool that does queue and Maildir I/O."""
+    """Owns the worker threads that do queue and Maildir I/O."""
 
-    def __init__(self, pool: ThreadPool) -> None:
+    def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
 
     def startService(self) -> None:
@@ -139,11 +137,11 @@ def makeMailService(
 
     DataLockService(config).setServiceParent(top)
 
-    pool = ThreadPool(minthreads=0, maxthreads=config.queue.threads, name="qmailtx-io")
+    pool = WorkerPool(reactor, config.queue.threads)
     workers = WorkerPoolService(pool)
     workers.setName("workers")
     workers.setServiceParent(top)
-    runner = partial(deferToThreadPool, reactor, pool)
+    runner = pool.run
 
     store = QueueStore(QueueDisk(os.path.join(config.paths.data, "queue")), runner)
     domains = DomainTable.fromControl(control)

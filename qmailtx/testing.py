@@ -46,7 +46,8 @@ class RecordingFileSystem(FileSystem):
     operation raises OSError(errno) (once, unless ``failAlways``).
     """
 
-    def __init__(self, events: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, events: list[tuple[str, str]] | None = None, anonymous: bool = True) -> None:
+        super().__init__(anonymous)
         self.events: list[tuple[str, str]] = events if events is not None else []
         self.failOn: dict[str, int] = {}
         self.failAlways = False
@@ -70,6 +71,19 @@ class RecordingFileSystem(FileSystem):
         fd = super().openUpdate(path)
         self._fdPaths[fd] = path
         return fd
+
+    def openAnonymous(self, directory: str, fallbackName: str) -> tuple[int, str | None]:
+        self._maybeFail("open")
+        fd, name = super().openAnonymous(directory, fallbackName)
+        if name is None:  # (a named file was recorded by openExclusive)
+            self._fdPaths[fd] = os.path.join(directory, "(anonymous)")
+            self.events.append(("open", self._fdPaths[fd]))
+        return fd, name
+
+    def linkInto(self, fd: int, name: str | None, target: str) -> None:
+        self._maybeFail("link")
+        super().linkInto(fd, name, target)
+        self.events.append(("link", target))
 
     def write(self, fd: int, data: bytes | memoryview) -> None:
         self._maybeFail("write")

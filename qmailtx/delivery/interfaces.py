@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -42,9 +43,16 @@ class IDeliveryAgent(Interface):
     """Delivers one queued message to some of its recipients (one channel)."""
 
     def deliver(
-        message: QueuedMessage, recipients: list[Address]
+        message: QueuedMessage,
+        recipients: list[Address],
+        whenDelivered: Callable[[], None] | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """Answer a Deferred firing with one DeliveryResult per recipient, in order.
+
+        ``whenDelivered``, if given, is blocking work (removing the finished
+        queue file) that the agent may run in its worker right after every
+        recipient was delivered, sparing the queue a second trip to a
+        thread; an agent without workers ignores it.
 
         Must never errback for an ordinary failure: a full disk, a refused
         connection or an unknown user are results (temporary or permanent).

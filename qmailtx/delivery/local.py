@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.python.filepath import FilePath, InsecurePath
@@ -19,6 +20,7 @@ from qmailtx.address import Address
 from qmailtx.delivery.interfaces import (
     DeliveryResult,
     IDeliveryAgent,
+    Outcome,
     delivered,
     permanent,
     temporary,
@@ -71,14 +73,26 @@ class LocalDeliveryAgent:
         return recipient  # qmail-local delivers one recipient at a time
 
     def deliver(
-        self, message: QueuedMessage, recipients: list[Address]
+        self,
+        message: QueuedMessage,
+        recipients: list[Address],
+        whenDelivered: Callable[[], None] | None = None,
     ) -> Deferred[list[DeliveryResult]]:
-        return self._run(self._deliverAll, message, recipients)
+        return self._run(self._deliverAll, message, recipients, whenDelivered)
 
     def _deliverAll(
-        self, message: QueuedMessage, recipients: list[Address]
+        self,
+        message: QueuedMessage,
+        recipients: list[Address],
+        whenDelivered: Callable[[], None] | None,
     ) -> list[DeliveryResult]:
-        return [self._deliverOne(message, r) for r in recipients]
+        results = [self._deliverOne(message, r) for r in recipients]
+        if whenDelivered is not None and all(r.outcome is Outcome.DELIVERED for r in results):
+            try:
+                whenDelivered()
+            except OSError:
+                pass  # the queue manager tries again in its own time
+        return results
 
     def _deliverOne(self, message: QueuedMessage, recipient: Address) -> DeliveryResult:
         maildir = mailboxPath(self.dataDir, recipient)

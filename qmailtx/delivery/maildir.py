@@ -48,39 +48,47 @@ class MaildirWriter:
     def deliver(self, maildir: str, prefix: bytes, sourceFd: int, offset: int, length: int) -> str:
         """Write ``prefix`` + ``length`` bytes of ``sourceFd`` at ``offset`` as one message.
 
-        Returns the name in ``new/``. Any OSError leaves nothing behind in
-        ``tmp/`` or ``new/`` and is the caller's to classify (always
-        temporary unless the Maildir itself is missing).
+        Returns the name in ``new/``. The file is written unnamed (O_TMPFILE
+        in ``tmp/``, or under its tmp/ name where that is missing), fsync'd,
+        linked into ``new/``, and ``new/`` is fsync'd. Any OSError leaves
+        nothing behind in ``tmp/`` or ``new/`` and is the caller's to classify
+        (always temporary unless the Maildir itself is missing).
         """
         size = len(prefix) + length
+        tmpDir = os.path.join(maildir, "tmp")
+        newDir = os.path.join(maildir, "new")
         for _ in range(3):
             name = self.uniqueName(size)
-            tmp = os.path.join(maildir, "tmp", name)
             try:
-                fd = self.fs.openExclusive(tmp)
+                fd, tmp = self.fs.openAnonymous(tmpDir, name)
+                break
             except FileExistsError:
                 continue
-            break
         else:
             raise OSError("could not find a unique Maildir name")
-        new = os.path.join(maildir, "new", name)
-        linked = False
+        linked = None
         try:
-            try:
-                self.fs.write(fd, prefix)
-                self.fs.copyRange(sourceFd, fd, offset, length)
-                self.fs.fsync(fd)
-            finally:
-                self.fs.close(fd)
-            self.fs.link(tmp, new)
-            linked = True
-            self.fs.fsyncDirectory(os.path.join(maildir, "new"))
+            self.fs.write(fd, prefix)
+            self.fs.copyRange(sourceFd, fd, offset, length)
+            self.fs.fsync(fd)
+            for _ in range(3):
+                try:
+                    self.fs.linkInto(fd, tmp, os.path.join(newDir, name))
+                    linked = os.path.join(newDir, name)
+                    break
+                except FileExistsError:
+                    name = self.uniqueName(size)
+            else:
+                raise OSError("could not find a unique Maildir name")
+            self.fs.fsyncDirectory(newDir)
         except BaseException:
-            if linked:
-                unlinkQuietly(self.fs, new)
-            unlinkQuietly(self.fs, tmp)
+            if linked is not None:
+                unlinkQuietly(self.fs, linked)
             raise
-        unlinkQuietly(self.fs, tmp)
+        finally:
+            self.fs.close(fd)
+            if tmp is not None:
+                unlinkQuietly(self.fs, tmp)
         return name
 
 

@@ -6,6 +6,8 @@ schedule; they bounce only when ``queuelifetime`` has passed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
@@ -22,6 +24,9 @@ class NoRemoteDelivery:
         return recipient.domain
 
     def deliver(
-        self, message: QueuedMessage, recipients: list[Address]
+        self,
+        message: QueuedMessage,
+        recipients: list[Address],
+        whenDelivered: Callable[[], None] | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         return succeed([temporary(TEXT) for _ in recipients])

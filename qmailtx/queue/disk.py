@@ -13,7 +13,7 @@ import itertools
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qmailtx.address import Address
 from qmailtx.fs import FileSystem, unlinkQuietly
@@ -51,11 +51,10 @@ class SpoolFile:
     """Thread-side state of one message being received."""
 
     msgid: str
-    tmpPath: str
     header: bytes
     fd: int | None = None
+    tmpPath: str | None = None  # None: an O_TMPFILE file without a name
     length: int = 0  # message bytes written so far
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,11 +130,11 @@ class QueueDisk:
     ) -> SpoolFile:
         msgid = newMessageId()
         header = fileHeader(encodeEnvelope(birth, sender, recipients, info))
-        return SpoolFile(msgid, os.path.join(self.tmpDir, msgid), header)
+        return SpoolFile(msgid, header)
 
     def spoolWrite(self, spool: SpoolFile, data: bytes) -> None:
         if spool.fd is None:
-            spool.fd = self.fs.openExclusive(spool.tmpPath)
+            spool.fd, spool.tmpPath = self.fs.openAnonymous(self.tmpDir, spool.msgid)
             self.fs.write(spool.fd, spool.header)
         self.fs.write(spool.fd, data)
         spool.length += len(data)
@@ -148,12 +147,10 @@ class QueueDisk:
             assert spool.fd is not None
             self.fs.write(spool.fd, fileTrailer(spool.length))
             self.fs.fsync(spool.fd)
-            self.fs.close(spool.fd)
-            spool.fd = None
             while True:
                 folder = os.path.join(self.messDir, splitName(spool.msgid))
                 try:
-                    self.fs.link(spool.tmpPath, os.path.join(folder, spool.msgid))
+                    self.fs.linkInto(spool.fd, spool.tmpPath, os.path.join(folder, spool.msgid))
                     final = os.path.join(folder, spool.msgid)
                     break
                 except FileExistsError:
@@ -166,7 +163,7 @@ class QueueDisk:
                 unlinkQuietly(self.fs, final)
             self.spoolAbort(spool)
             raise
-        unlinkQuietly(self.fs, spool.tmpPath)
+        self.spoolAbort(spool)  # closes; removes the tmp/ name if there was one
         size = len(spool.header) + spool.length + TRAILER.size
         return parseQueueFile(spool.msgid, final, spool.header, fileTrailer(spool.length), size)
 
@@ -177,7 +174,9 @@ class QueueDisk:
             except OSError:
                 pass
             spool.fd = None
-        unlinkQuietly(self.fs, spool.tmpPath)
+        if spool.tmpPath is not None:
+            unlinkQuietly(self.fs, spool.tmpPath)
+            spool.tmpPath = None
 
     def inject(
         self,
@@ -197,9 +196,16 @@ class QueueDisk:
         self, message: QueuedMessage, changes: dict[int, str], nextAttempt: float | None
     ) -> None:
         """Overwrite recipients' state letters in place and make that durable;
-        remember the next attempt (if given) in the file's mtime."""
+        remember the next attempt (if given) in the file's mtime.
+
+        A file that is gone was finished by a delivery that ended meanwhile:
+        there is nothing left to mark.
+        """
         if changes:
-            fd = self.fs.openUpdate(message.path)
+            try:
+                fd = self.fs.openUpdate(message.path)
+            except FileNotFoundError:
+                return
             try:
                 for index, letter in sorted(changes.items()):
                     self.fs.pwrite(fd, letter.encode("ascii"), message.stateOffsets[index])

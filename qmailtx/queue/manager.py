@@ -74,6 +74,7 @@ class _Attempt:
     channel: str
     outstanding: int
     results: dict[int, DeliveryResult] = field(default_factory=dict)
+    removed: bool = False  # the agent removed the finished queue file already
 
 
 @dataclass
@@ -278,7 +279,20 @@ class QueueManager(Service):
             rcpt=",".join(str(r) for r in recipients),
         )
         agent = self.agents[attempt.channel]
-        d = maybeDeferred(agent.deliver, message, recipients)
+        whenDelivered = None
+        state = attempt.state
+        if (
+            attempt.outstanding == 1
+            and state.busy == {attempt.channel}
+            and len(job.indices) == len(message.pending())
+        ):
+            # This job finishes the message if it succeeds: let the agent
+            # remove the queue file in the same worker trip.
+            def whenDelivered() -> None:
+                self.store.disk.remove(message)
+                attempt.removed = True
+
+        d = maybeDeferred(agent.deliver, message, recipients, whenDelivered)
 
         def crashed(failure: Failure) -> list[DeliveryResult]:
             log.failure(
@@ -383,7 +397,7 @@ class QueueManager(Service):
         if retry:
             nextTime = nextRetry(message.birth, now, attempt.channel, self.settings.lifetime)
         if not message.pending() and not state.busy:
-            await self._finish(state)
+            await self._finish(state, removed=attempt.removed)
             return
         if changes or nextTime is not None:
             try:
@@ -393,12 +407,13 @@ class QueueManager(Service):
         if nextTime is not None:
             self._schedule(state, attempt.channel, nextTime)
 
-    async def _finish(self, state: _MessageState) -> None:
+    async def _finish(self, state: _MessageState, removed: bool = False) -> None:
         message = state.message
-        try:
-            await self.store.remove(message)
-        except Exception:
-            log.failure("could not remove finished msg {msgid}", msgid=message.msgid)
+        if not removed:
+            try:
+                await self.store.remove(message)
+            except Exception:
+                log.failure("could not remove finished msg {msgid}", msgid=message.msgid)
         self.messages.pop(message.msgid, None)
         log.info("end msg {msgid}", msgid=message.msgid)
 

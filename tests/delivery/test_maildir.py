@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import threading
@@ -50,12 +51,23 @@ class MaildirWriterTests(SynchronousTestCase):
         fs = RecordingFileSystem()
         self.deliver(MaildirWriter(fs))
         ops = [op for op, _ in fs.events]
-        self.assertEqual(ops, ["open", "write", "write", "fsync", "link", "fsyncdir", "unlink"])
+        self.assertEqual(ops, ["open", "write", "write", "fsync", "link", "fsyncdir"])
         self.assertEqual(fs.events[5][1], os.path.join(self.maildir, "new"))
 
+    def test_withoutTmpfileTheTmpNameIsUsedAndRemoved(self) -> None:
+        fs = RecordingFileSystem(anonymous=False)
+        name = self.deliver(MaildirWriter(fs))
+        ops = [op for op, _ in fs.events]
+        self.assertEqual(ops, ["open", "write", "write", "fsync", "link", "fsyncdir", "unlink"])
+        self.assertEqual(fs.events[0][1], os.path.join(self.maildir, "tmp", name))
+        self.assertEqual(os.listdir(os.path.join(self.maildir, "tmp")), [])
+        self.assertEqual(os.listdir(os.path.join(self.maildir, "new")), [name])
+
     def test_ioErrorLeavesNothingBehind(self) -> None:
-        for op in ("write", "fsync", "link", "fsyncdir"):
-            fs = RecordingFileSystem()
+        for op, anonymous in itertools.product(
+            ("write", "fsync", "link", "fsyncdir"), (True, False)
+        ):
+            fs = RecordingFileSystem(anonymous=anonymous)
             fs.failOn[op] = errno.EIO
             with self.assertRaises(OSError):
                 self.deliver(MaildirWriter(fs))

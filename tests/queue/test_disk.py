@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,8 +19,14 @@ MESSAGE = b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@mx.test>\r\nDATA\r\n
 class CommitOrderTests(SynchronousTestCase):
     def test_durableBefore250(self) -> None:
         """write -> fsync(file) -> link into mess/ -> fsync(mess/N) -> "250" on the wire."""
+        self.checkOrder(RecordingFileSystem)
+
+    def test_durableBefore250WithoutTmpfile(self) -> None:
+        self.checkOrder(lambda events: RecordingFileSystem(events, anonymous=False))
+
+    def checkOrder(self, makeFs: Callable[[list[tuple[str, str]]], RecordingFileSystem]) -> None:
         events: list[tuple[str, str]] = []
-        fs = RecordingFileSystem(events)
+        fs = makeFs(events)
         h = SMTPServerHarness(self.mktemp(), fs=fs, events=events)
         h.send(MESSAGE)
         kinds = [(op, detail) for op, detail in events if op != "reply" or "250 2.0.0 ok" in detail]

@@ -21,6 +21,7 @@ from qmailtx.address import Address
 from qmailtx.delivery.interfaces import (
     DeliveryResult,
     IDeliveryAgent,
+    Outcome,
     delivered,
     permanent,
     temporary,
@@ -45,26 +46,37 @@ class ScriptedAgent:
         self.calls: list[tuple[float, str, str]] = []
         self.active = 0
         self.maxActive = 0
+        self.finalized = 0  # times the agent removed a finished queue file
 
     def batchKey(self, recipient: Address) -> object:
         return recipient
 
     def deliver(
-        self, message: QueuedMessage, recipients: list[Address]
+        self,
+        message: QueuedMessage,
+        recipients: list[Address],
+        whenDelivered: Callable[[], None] | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         [recipient] = recipients
         self.calls.append((self.clock.seconds(), message.msgid, str(recipient)))
         result = self.script(message, recipient)
+
+        def done(r: DeliveryResult) -> list[DeliveryResult]:
+            if r.outcome is Outcome.DELIVERED and whenDelivered is not None:
+                self.finalized += 1
+                whenDelivered()
+            return [r]
+
         if isinstance(result, Deferred):
             self.active += 1
             self.maxActive = max(self.maxActive, self.active)
 
-            def done(r: DeliveryResult) -> list[DeliveryResult]:
+            def left(r: DeliveryResult) -> DeliveryResult:
                 self.active -= 1
-                return [r]
+                return r
 
-            return result.addCallback(done)
-        return succeed([result])
+            return result.addCallback(left).addCallback(done)
+        return succeed(done(result))
 
 
 def bounceSettings() -> BounceSettings:
@@ -155,6 +167,7 @@ class DeliveryTests(ManagerTestCase):
         msgid = self.inject("a@b.example", "u@mx.test")
         self.assertEqual(self.local.calls, [(self.clock.seconds(), msgid, "u@mx.test")])
         self.assertEqual(self.queuedMessages(), [])
+        self.assertEqual(self.local.finalized, 1)  # removed in the delivery's own trip
         self.assertNotIn(msgid, manager.messages)
         text = self.logText()
         self.assertIn(f"new msg {msgid}", text)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from collections.abc import Callable
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
@@ -20,6 +22,8 @@ class FileSystem:
     def __init__(self, anonymous: bool = True) -> None:
         self._anonymous = anonymous and bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
         self._procFds: int | None = None
+        self._syncLock = threading.Lock()
+        self._syncStates: dict[str, _DirectorySync] = {}
 
     def openExclusive(self, path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -115,6 +119,20 @@ class FileSystem:
     def unlink(self, path: str) -> None:
         os.unlink(path)
 
+    def syncDirectory(self, path: str) -> None:
+        """Make the entries linked into ``path`` so far durable (group commit).
+
+        Threads that link into the same directory at the same time share one
+        fsync of it: each waits for an fsync that began after its own link,
+        starting one itself when none is running. Under load this turns one
+        directory fsync per message into one per batch.
+        """
+        with self._syncLock:
+            state = self._syncStates.get(path)
+            if state is None:
+                state = self._syncStates[path] = _DirectorySync()
+        state.sync(lambda: self.fsyncDirectory(path))
+
     def fsyncDirectory(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -143,3 +161,39 @@ def unlinkQuietly(fs: FileSystem, path: str) -> None:
         fs.unlink(path)
     except OSError:
         pass
+
+
+class _DirectorySync:
+    """Group commit for one directory's fsync.
+
+    ``requested`` counts callers (each took its ticket after its link);
+    ``done`` is the highest ticket covered by a finished fsync, that is one
+    that started after that ticket was taken.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self, fsync: Callable[[], None]) -> None:
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._done < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covers = self._requested
+                self._cond.release()
+                try:
+                    fsync()
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                # Only reached when fsync succeeded; after a failure each
+                # waiter runs (and fails) its own.
+                self._done = max(self._done, covers)

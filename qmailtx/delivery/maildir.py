@@ -80,7 +80,7 @@ class MaildirWriter:
                     name = self.uniqueName(size)
             else:
                 raise OSError("could not find a unique Maildir name")
-            self.fs.fsyncDirectory(newDir)
+            self.fs.syncDirectory(newDir)
         except BaseException:
             if linked is not None:
                 unlinkQuietly(self.fs, linked)

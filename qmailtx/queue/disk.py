@@ -35,11 +35,7 @@ _counterLock = threading.Lock()
 
 
 def newMessageId(now: float | None = None) -> str:
-    """Unique, roughly time-ordered ids: microseconds in hex plus a counter.
-
-    The last hex digit (which picks the split folder) comes from the counter,
-    so consecutive messages spread over the folders.
-    """
+    """Unique, time-ordered ids: the arrival time in microseconds (hex) and a counter."""
     with _counterLock:
         n = next(_counter)
     micros = int((time.time() if now is None else now) * 1_000_000)
@@ -156,7 +152,7 @@ class QueueDisk:
                 except FileExistsError:
                     # An id reused after the clock went back: pick another.
                     spool.msgid = newMessageId()
-            self.fs.fsyncDirectory(folder)
+            self.fs.syncDirectory(folder)
         except BaseException:
             # Not acknowledged, so not queued: leave no copy that a restart could deliver.
             if final is not None:

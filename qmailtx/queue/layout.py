@@ -3,7 +3,7 @@
 Directories under ``<data>/queue``:
 
 - ``tmp/``      messages being received; anything here at start-up is a leftover
-- ``mess/N/``   committed messages, split over 16 folders by the last hex digit
+- ``mess/N/``   committed messages, split over 16 folders by arrival second
 - ``corrupt/``  files found damaged at start-up, kept for the administrator
 
 One committed message is one file::
@@ -62,7 +62,17 @@ class QueuedMessage:
 
 
 def splitName(msgid: str) -> str:
-    return msgid[-1]
+    """The split folder: the second of arrival modulo 16.
+
+    Messages that arrive together share a folder, so their commits share one
+    directory fsync (see FileSystem.syncDirectory); over time every folder
+    gets a sixteenth of the queue, so none grows without bound.
+    """
+    try:
+        second = int(msgid[:-3], 16) // 1_000_000
+    except ValueError:
+        return msgid[-1]
+    return SPLIT[second % len(SPLIT)]
 
 
 def encodeEnvelope(

@@ -332,6 +332,15 @@ class QueueManager(Service):
             )
         attempt.outstanding -= 1
         done = [i for i in job.indices if attempt.results[i].outcome is Outcome.DELIVERED]
+        if attempt.outstanding == 0 and attempt.removed and not state.lock.locked:
+            # The common case, done without Deferreds: every recipient
+            # delivered and the agent removed the queue file already.
+            for index in done:
+                state.message.states[index] = DELIVERED
+            state.busy.discard(attempt.channel)
+            self._ended(state)
+            self._releaseSlot(None, attempt.channel)
+            return
         if attempt.outstanding == 0:
             d = state.lock.run(self._finishAttempt, attempt)
         elif done:
@@ -414,8 +423,11 @@ class QueueManager(Service):
                 await self.store.remove(message)
             except Exception:
                 log.failure("could not remove finished msg {msgid}", msgid=message.msgid)
-        self.messages.pop(message.msgid, None)
-        log.info("end msg {msgid}", msgid=message.msgid)
+        self._ended(state)
+
+    def _ended(self, state: _MessageState) -> None:
+        self.messages.pop(state.message.msgid, None)
+        log.info("end msg {msgid}", msgid=state.message.msgid)
 
     async def _bounce(
         self, message: QueuedMessage, failed: list[tuple[int, str]], now: float

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAX_ADDRESS = 320  # 64 (local part) + 1 + 255 (domain), RFC 5321 4.5.3.1
@@ -141,22 +142,27 @@ def _unquoteLocal(local: str) -> str:
     return local
 
 
-def _splitMailbox(text: str) -> tuple[str, str]:
-    """Split ``local@domain`` at the last ``@`` outside quotes."""
+def _unquoted(text: str, start: int = 0) -> Iterator[tuple[int, str]]:
+    """The characters of ``text`` outside double quotes (and their escapes)."""
     inQuote = False
     escaped = False
-    at = -1
-    for i, ch in enumerate(text):
+    for i in range(start, len(text)):
+        ch = text[i]
         if escaped:
             escaped = False
         elif ch == "\\" and inQuote:
             escaped = True
         elif ch == '"':
             inQuote = not inQuote
-        elif ch == "@" and not inQuote:
-            at = i
+        elif not inQuote:
+            yield i, ch
     if inQuote:
         raise AddressError("unterminated quote")
+
+
+def _splitMailbox(text: str) -> tuple[str, str]:
+    """Split ``local@domain`` at the last ``@`` outside quotes."""
+    at = max((i for i, ch in _unquoted(text) if ch == "@"), default=-1)
     if at < 0:
         return text, ""
     return text[:at], text[at + 1 :]
@@ -211,18 +217,12 @@ def splitPath(argument: str) -> tuple[str, str]:
     """
     argument = argument.lstrip(" ")
     if argument.startswith("<"):
-        inQuote = False
-        escaped = False
-        for i in range(1, len(argument)):
-            ch = argument[i]
-            if escaped:
-                escaped = False
-            elif ch == "\\" and inQuote:
-                escaped = True
-            elif ch == '"':
-                inQuote = not inQuote
-            elif ch == ">" and not inQuote:
-                return argument[1:i], argument[i + 1 :].strip(" ")
+        try:
+            for i, ch in _unquoted(argument, 1):
+                if ch == ">":
+                    return argument[1:i], argument[i + 1 :].strip(" ")
+        except AddressError:
+            pass
         raise AddressError("missing '>'")
     path, _, rest = argument.partition(" ")
     return path, rest.strip(" ")

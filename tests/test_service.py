@@ -21,7 +21,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from qmailtx import makeMailService
+from qmailtx import loadConfig, makeMailService
 from qmailtx.config import Config
 from qmailtx.tap import Options
 from qmailtx.testing import makeTestConfig
@@ -85,7 +85,16 @@ class EmbeddedServiceTests(TestCase):
         return server, port
 
     async def test_minimalConfigDeliversToPostmaster(self) -> None:
-        server, port = await self.startServer()
+        """A config file holding only [paths] and [smtp] is enough."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        path = os.path.join(folder, "qmailtx.toml")
+        with open(path, "w") as f:
+            f.write('[paths]\ndata = "var"\n' + LISTEN)
+        server = RunningServer(loadConfig(path))
+        port = await server.start()
+        self.addCleanup(server.stop)
+        self.assertEqual(server.config.paths.data, os.path.join(folder, "var"))
         self.assertEqual(server.mail.getServiceNamed("queue").name, "queue")
         self.assertTrue(server.other.running)
         message = b"Subject: first\r\n\r\nHello, postmaster.\r\n.leading dot\r\n"

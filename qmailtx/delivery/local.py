@@ -96,25 +96,28 @@ class LocalDeliveryAgent:
 
     def _deliverOne(self, message: QueuedMessage, recipient: Address) -> DeliveryResult:
         maildir = mailboxPath(self.dataDir, recipient)
-        if maildir is None or not os.path.isdir(os.path.dirname(maildir)):
+        if maildir is None:
             return permanent(NO_MAILBOX)
-        if not os.path.isdir(maildir):
-            return temporary("Unable to chdir to maildir. (#4.2.1)")
         try:
             source = self.fs.openRead(message.path)
-            try:
-                name = self.writer.deliver(
-                    maildir,
-                    returnPathLines(message.sender, recipient),
-                    source,
-                    message.messageOffset,
-                    message.messageLength,
-                )
-            finally:
-                self.fs.close(source)
+        except OSError as e:
+            return temporary(f"Unable to read message: {e.strerror}. (#4.3.0)")
+        try:
+            name = self.writer.deliver(
+                maildir,
+                returnPathLines(message.sender, recipient),
+                source,
+                message.messageOffset,
+                message.messageLength,
+            )
         except OSError as e:
             reason = e.strerror or str(e)
             if e.errno == errno.ENOENT:
+                # Only now look why: no such user (permanent) or a broken Maildir.
+                if not os.path.isdir(os.path.dirname(maildir)):
+                    return permanent(NO_MAILBOX)
                 return temporary(f"Unable to write into maildir: {reason}. (#4.2.1)")
             return temporary(f"Temporary error on maildir delivery: {reason}. (#4.3.0)")
+        finally:
+            self.fs.close(source)
         return delivered(f"did 0+0+1/ {name}")

@@ -128,20 +128,22 @@ class QueueDisk:
         header = fileHeader(encodeEnvelope(birth, sender, recipients, info))
         return SpoolFile(msgid, header)
 
-    def spoolWrite(self, spool: SpoolFile, data: bytes) -> None:
+    def spoolWrite(self, spool: SpoolFile, data: bytes, trailer: bool = False) -> None:
+        """Append message bytes (and, at the end, the trailer) in one write."""
+        head = b""
         if spool.fd is None:
             spool.fd, spool.tmpPath = self.fs.openAnonymous(self.tmpDir, spool.msgid)
-            self.fs.write(spool.fd, spool.header)
-        self.fs.write(spool.fd, data)
+            head = spool.header
         spool.length += len(data)
+        tail = fileTrailer(spool.length) if trailer else b""
+        self.fs.write(spool.fd, b"".join((head, data, tail)) if head or tail else data)
 
     def spoolCommit(self, spool: SpoolFile, data: bytes) -> QueuedMessage:
         """Write the rest, make it durable, link it into mess/. Success means durable."""
         final = None
         try:
-            self.spoolWrite(spool, data)
+            self.spoolWrite(spool, data, trailer=True)
             assert spool.fd is not None
-            self.fs.write(spool.fd, fileTrailer(spool.length))
             self.fs.fsync(spool.fd)
             while True:
                 folder = os.path.join(self.messDir, splitName(spool.msgid))

@@ -33,6 +33,7 @@ from qmailtx.smtp.commands import parseCommand, parsePathCommand
 from qmailtx.smtp.data import BareLineEnding, DataParser
 from qmailtx.smtp.received import receivedLine
 from qmailtx.smtp.session import SMTPSession
+from qmailtx.smtp.writethrough import writeNow
 
 if TYPE_CHECKING:
     from qmailtx.smtp.factory import SMTPServerFactory
@@ -275,7 +276,7 @@ class ESMTPServer(Protocol):
 
     def _write(self, reply: SMTPReply) -> None:
         if self.transport is not None and self._mode != _CLOSED:
-            self.transport.write(reply.toBytes())
+            writeNow(self.transport, reply.toBytes())
 
     # -- verdicts ----------------------------------------------------------------
 

@@ -155,6 +155,18 @@ class ManagerTestCase(SynchronousTestCase):
         return [formatEvent(e) for e in self.logs]
 
 
+def held() -> tuple[list[Deferred[DeliveryResult]], Script]:
+    """A script whose deliveries wait until the test fires their Deferreds."""
+    pending: list[Deferred[DeliveryResult]] = []
+
+    def hold(m: QueuedMessage, r: Address) -> Deferred[DeliveryResult]:
+        d: Deferred[DeliveryResult] = Deferred()
+        pending.append(d)
+        return d
+
+    return pending, hold
+
+
 def parseBounce(content: bytes) -> EmailMessage:
     message = email.message_from_bytes(content, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
@@ -199,13 +211,7 @@ class DeliveryTests(ManagerTestCase):
         self.assertEqual([t - birth for t, _, _ in self.remote.calls], [0, 400, 1600, 3600])
 
     def test_concurrencyLimitIsNeverExceeded(self) -> None:
-        pending: list[Deferred[DeliveryResult]] = []
-
-        def hold(m: QueuedMessage, r: Address) -> Deferred[DeliveryResult]:
-            d: Deferred[DeliveryResult] = Deferred()
-            pending.append(d)
-            return d
-
+        pending, hold = held()
         self.makeManager(hold, concurrency=3)
         for i in range(10):
             self.inject("a@b.example", f"u{i}@mx.test")
@@ -217,13 +223,7 @@ class DeliveryTests(ManagerTestCase):
         self.assertEqual(self.queuedMessages(), [])
 
     def test_stopWaitsForRunningDeliveries(self) -> None:
-        pending: list[Deferred[DeliveryResult]] = []
-
-        def hold(m: QueuedMessage, r: Address) -> Deferred[DeliveryResult]:
-            d: Deferred[DeliveryResult] = Deferred()
-            pending.append(d)
-            return d
-
+        pending, hold = held()
         manager = self.makeManager(hold)
         self.inject("a@b.example", "u@mx.test")
         stopped: list[None] = []

@@ -55,7 +55,3 @@ class SMTPRejection(Exception):
     def __init__(self, reply: SMTPReply) -> None:
         super().__init__(str(reply))
         self.reply = reply
-
-
-def reply(code: int, enhanced: str, text: str) -> SMTPReply:
-    return SMTPReply(code, enhanced, text)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
+from typing import Any, cast
+
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python import usage
 
 from qmailtx.config import Config, ConfigError, defaultConfig, loadConfig
+from qmailtx.queue.manager import QueueManager
 from qmailtx.service import makeMailService, prepareDataDirectory
 
 
@@ -50,6 +56,20 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
-        return makeMailService(reactor, options.config)
+        service = makeMailService(reactor, options.config)
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
+    manager = cast(QueueManager, service.getServiceNamed("queue"))
+    signal.signal(
+        signal.SIGALRM, flushOnSignal(cast(IReactorFromThreads, reactor), manager.retryNow)
+    )
+    return service
+
+
+def flushOnSignal(reactor: IReactorFromThreads, retryNow: Callable[[], None]) -> Any:
+    """qmail-send's SIGALRM: ``kill -ALRM <pid>`` retries every deferred message now."""
+
+    def handler(signum: int, frame: object) -> None:
+        reactor.callFromThread(retryNow)
+
+    return handler

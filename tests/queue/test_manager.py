@@ -435,3 +435,28 @@ class CrashWindowTests(ManagerTestCase):
             self.assertLessEqual(len(deliveredTo & stillToDo), 2)
         self.assertEqual(len(self.local.calls), 6)
         self.assertEqual(self.disk.scan().messages, [])
+
+
+class RetryNowTests(ManagerTestCase):
+    def test_retryNowTriesDeferredMessagesAtOnce(self) -> None:
+        manager = self.makeManager(lambda m, r: temporary("busy (#4.2.1)"))
+        self.inject("a@b.example", "u@mx.test")
+        self.clock.advance(10)
+        self.assertEqual(len(self.local.calls), 1)
+        manager.retryNow()
+        self.assertEqual(len(self.local.calls), 2)
+
+    def test_sigalrmHandlerCallsRetryNow(self) -> None:
+        from qmailtx.tap import flushOnSignal
+
+        calls: list[object] = []
+
+        class FakeReactor:
+            def callFromThread(self, f: Callable[[], None]) -> None:
+                calls.append(f)
+
+        def retry() -> None:
+            pass
+
+        flushOnSignal(FakeReactor(), retry)(14, None)  # type: ignore[arg-type]
+        self.assertEqual(calls, [retry])

@@ -23,18 +23,6 @@ class SMTPReply:
         if any(c in self.text for c in "\r\0"):
             raise ValueError("reply text must not hold CR or NUL")
 
-    @property
-    def isPositive(self) -> bool:
-        return self.code < 400
-
-    @property
-    def isTemporary(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def isPermanent(self) -> bool:
-        return self.code >= 500
-
     def toBytes(self) -> bytes:
         lines = self.text.split("\n") or [""]
         prefix = f"{self.code}"

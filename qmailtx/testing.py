@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -127,9 +126,6 @@ class RecordingFileSystem(FileSystem):
         self._maybeFail("fsyncdir")
         super().fsyncDirectory(path)
         self.events.append(("fsyncdir", path))
-
-
-DISK_FULL = errno.ENOSPC
 
 
 class RecordingTransport(StringTransport):

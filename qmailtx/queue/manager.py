@@ -461,12 +461,3 @@ class QueueManager(Service):
 
     def _bug(self, failure: Failure, msgid: str) -> None:
         log.failure("queue manager error on msg {msgid}", failure, msgid=msgid)
-
-    # -- introspection ----------------------------------------------------------
-
-    def stateOf(self, msgid: str) -> list[str] | None:
-        state = self.messages.get(msgid)
-        return list(state.message.states) if state else None
-
-
-__all__ = ["QueueManager", "QueueSettings", "TODO"]

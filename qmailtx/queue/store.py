@@ -46,10 +46,6 @@ class Spool:
         self._closed = False
         self._drainWaiters: list[Deferred[None]] = []
 
-    @property
-    def msgid(self) -> str:
-        return self._file.msgid
-
     def write(self, data: bytes) -> None:
         if self._closed or self._failure is not None or not data:
             return

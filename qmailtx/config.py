@@ -64,6 +64,24 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class UsersConfig:
+    # The SQLite user database (absolute; default <data>/users.sqlite3).
+    database: str = ""
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    # "bounce" (vpopmail: the sender learns at once) or "defer" (retry until queuelifetime).
+    over_quota: str = "bounce"
+    # Put a warning into a mailbox when its usage crosses this percentage (0: never).
+    quota_warning_percent: int = 90
+    # Characters that start an extension: user-ext@domain -> .qmail-ext of user.
+    recipient_delimiter: str = "-"
+    # Seconds a |program delivery may run before it is killed (a temporary failure).
+    program_timeout: int = 3600
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig
     control: Control
@@ -71,6 +89,8 @@ class Config:
     pop3: POP3Config = field(default_factory=POP3Config)
     tls: TLSConfig = field(default_factory=TLSConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     source: str = "<built-in defaults>"
     # Files in the control directory that this version does not read.
     unusedControlFiles: tuple[str, ...] = ()
@@ -137,6 +157,21 @@ def _networks(v: Any) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(n, strict=False) for n in _strings(v))
 
 
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in allowed:
+            raise TypeError(v)
+        return str(v)
+
+    return check
+
+
+def _delimiters(v: Any) -> str:
+    if not isinstance(v, str) or any(c.isalnum() or c in '@."' or c.isspace() for c in v):
+        raise TypeError(v)
+    return v
+
+
 def _resolve(base: str, path: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
@@ -147,7 +182,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from e
-    known = {"paths", "smtp", "pop3", "tls", "queue", "control"}
+    known = {"paths", "smtp", "pop3", "tls", "queue", "users", "delivery", "control"}
     for key in document:
         if key not in known:
             raise ConfigError(f"{source}: unknown key [{key}]")
@@ -198,6 +233,34 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
     )
     queue.finish()
 
+    users = table("users")
+    database = users.string("database", None)
+    usersConfig = UsersConfig(
+        database=_resolve(data, database) if database else os.path.join(data, "users.sqlite3")
+    )
+    users.finish()
+
+    delivery = table("delivery")
+    dDefaults = DeliveryConfig()
+    deliveryConfig = DeliveryConfig(
+        over_quota=delivery.get(
+            "over_quota", _choice("bounce", "defer"), '"bounce" or "defer"', dDefaults.over_quota
+        ),
+        quota_warning_percent=delivery.integer(
+            "quota_warning_percent", dDefaults.quota_warning_percent
+        ),
+        recipient_delimiter=delivery.get(
+            "recipient_delimiter",
+            _delimiters,
+            "a string of punctuation characters",
+            dDefaults.recipient_delimiter,
+        ),
+        program_timeout=delivery.integer("program_timeout", dDefaults.program_timeout, 1),
+    )
+    delivery.finish()
+    if deliveryConfig.quota_warning_percent > 100:
+        raise ConfigError(f"{source}: [delivery] quota_warning_percent must be 0..100")
+
     controlTable = document.get("control", {})
     if not isinstance(controlTable, Mapping):
         raise ConfigError(f"{source}: [control] must be a table")
@@ -217,6 +280,8 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         pop3=pop3Config,
         tls=tlsConfig,
         queue=queueConfig,
+        users=usersConfig,
+        delivery=deliveryConfig,
         source=source,
         unusedControlFiles=others,
     )

@@ -18,6 +18,7 @@ from qmailtx.config import Config
 from qmailtx.domains import DomainTable
 from qmailtx.policy.interfaces import IRecipientCheck
 from qmailtx.policy.relay import RelayControl
+from qmailtx.vdomain.hosted import HostedDomains
 
 
 class RegistryError(ValueError):
@@ -34,10 +35,11 @@ class Registry(Components):
         super().registerUtility(component, provided, name, **kw)
 
 
-def makeRegistry(config: Config) -> Registry:
+def makeRegistry(config: Config, hosted: HostedDomains | None = None) -> Registry:
+    """The built-in policies; ``hosted`` adds the user database's domains."""
     registry = Registry("qmailtx")
     domains = DomainTable.fromControl(config.control)
-    registry.registerUtility(RelayControl(domains), IRecipientCheck, name="relay")
+    registry.registerUtility(RelayControl(domains, hosted), IRecipientCheck, name="relay")
     return registry
 
 

@@ -1,7 +1,8 @@
 """makeMailService: the whole server as one MultiService, for twistd or any Twisted program.
 
 Children, by name, in start order: ``workers`` (the thread pool for disk
-work), ``queue`` (the queue manager), ``smtp`` (one listening service per
+work), ``domains`` (the user database's hosted domains, kept fresh),
+``queue`` (the queue manager), ``smtp`` (one listening service per
 ``[smtp] listen`` endpoint). Stopping runs in reverse: listeners close,
 running deliveries finish, then the pool stops.
 """
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 
 from qmailtx.address import Address
 from qmailtx.config import Config, ConfigError
-from qmailtx.delivery.local import LocalDeliveryAgent
+from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import makeMaildir
 from qmailtx.delivery.unavailable import NoRemoteDelivery
 from qmailtx.domains import DomainTable
@@ -33,6 +34,8 @@ from qmailtx.queue.manager import QueueManager, QueueSettings
 from qmailtx.queue.store import QueueStore
 from qmailtx.registry import Registry, makeRegistry, resolve
 from qmailtx.smtp.factory import SMTPServerFactory, SMTPSettings
+from qmailtx.vdomain.hosted import HostedDomains
+from qmailtx.vdomain.sqlite import SQLiteUserStore
 from qmailtx.workers import WorkerPool
 
 log = Logger()
@@ -130,7 +133,6 @@ def makeMailService(
     and IReactorCore (any real reactor does)."""
     assert IReactorTime.providedBy(reactor) and IReactorFromThreads.providedBy(reactor)
     assert IReactorCore.providedBy(reactor)
-    registry = registry or makeRegistry(config)
     control = config.control
     top = OrderedMultiService()
     top.setName("qmailtx")
@@ -143,19 +145,38 @@ def makeMailService(
     workers.setServiceParent(top)
     runner = pool.run
 
+    users = SQLiteUserStore(config.users.database)
+    hosted = HostedDomains(users, runner, reactor)
+    hosted.setName("domains")
+    hosted.setServiceParent(top)
+    registry = registry or makeRegistry(config, hosted)
+
     store = QueueStore(QueueDisk(os.path.join(config.paths.data, "queue")), runner)
     domains = DomainTable.fromControl(control)
 
     def classify(recipient: Address) -> str:
-        return "local" if domains.isLocal(recipient.domain) else "remote"
+        local = domains.isLocal(recipient.domain) or hosted.contains(recipient.domain)
+        return "local" if local else "remote"
 
+    local = LocalDeliveryAgent(
+        runner,
+        LocalSettings(
+            data=config.paths.data,
+            domains=domains,
+            me=control.me,
+            overQuota=config.delivery.over_quota,
+            warnPercent=config.delivery.quota_warning_percent,
+            delimiters=config.delivery.recipient_delimiter,
+            programTimeout=config.delivery.program_timeout,
+        ),
+        users,
+        store,
+        reactor,
+    )
     manager = QueueManager(
         reactor,
         store,
-        {
-            "local": LocalDeliveryAgent(runner, config.paths.data),
-            "remote": NoRemoteDelivery(),
-        },
+        {"local": local, "remote": NoRemoteDelivery()},
         classify,
         QueueSettings(
             concurrency={"local": control.concurrencylocal, "remote": control.concurrencyremote},

@@ -1,22 +1,44 @@
-"""Local delivery: one recipient, one Maildir under the data folder.
+"""Local delivery: qmail-local and vdelivermail in one agent.
 
-Mailboxes live where vpopmail keeps them:
-``<data>/domains/<domain>/<user>/Maildir/``. A recipient whose mailbox folder
-does not exist is a permanent failure; every other problem (a full disk, an
-I/O error, a missing ``new/``) is temporary and the message stays queued.
+For each recipient ``resolve.py`` makes a plan (in a worker thread): the
+lines of a ``.qmail`` file or a valias, or the user's own ``Maildir/``.
+The lines run in order, as qmail-local runs them: Maildir and mbox lines in
+the worker thread, ``|program`` lines as child processes from the reactor,
+forwards last, re-injected through the queue (durable before the recipient
+is marked done). A program's exit 99 stops the remaining lines.
+
+Outcomes follow qmail: an unknown user or a mail loop is permanent, every
+I/O problem (a full disk, EIO, a missing folder) is temporary, and over
+quota is what ``[delivery] over_quota`` says ("bounce": permanent 5.2.2,
+as vpopmail; "defer": temporary 4.2.2).
+
+The common case (a user's Maildir, nothing else) costs one worker job per
+recipient: resolution, quota, write and fsync together.
 """
 
 from __future__ import annotations
 
-import errno
 import os
+import shutil
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.python.filepath import FilePath, InsecurePath
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from qmailtx.address import Address
+from qmailtx.address import Address, AddressError, parseMailbox
+from qmailtx.delivery import vacation as autoresponder
+from qmailtx.delivery.dotqmail import (
+    Forward,
+    MaildirLine,
+    MboxLine,
+    Program,
+    qmailEnvironment,
+    ufLine,
+)
 from qmailtx.delivery.interfaces import (
     DeliveryResult,
     IDeliveryAgent,
@@ -25,34 +47,81 @@ from qmailtx.delivery.interfaces import (
     permanent,
     temporary,
 )
-from qmailtx.delivery.maildir import MaildirWriter
+from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
+from qmailtx.delivery.mbox import MboxError, appendMbox
+from qmailtx.delivery.program import classifyExit, runProgram, spawnFailure
+from qmailtx.delivery.quota import (
+    MAILDIRSIZE,
+    MaildirQuota,
+    QuotaUsage,
+    crossedPercent,
+    parseDefinition,
+)
+from qmailtx.delivery.resolve import Plan, resolveRecipient
+from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
+from qmailtx.queue.bounce import rfc5322Date
+from qmailtx.queue.disk import newMessageId
 from qmailtx.queue.layout import QueuedMessage
-from qmailtx.queue.store import Runner
+from qmailtx.queue.store import QueueStore, Runner
+from qmailtx.vdomain.interfaces import DatabaseUnavailable, IUserStore
+from qmailtx.vdomain.records import QuotaLimit, User
+from qmailtx.vdomain.userlock import holdFolder
 
-NO_MAILBOX = "Sorry, no mailbox here by that name. (#5.1.1)"
+log = Logger()
 
-
-def mailboxPath(dataDir: str, recipient: Address) -> str | None:
-    """The Maildir for a local recipient, or None if the name cannot be a mailbox.
-
-    Built with FilePath.child, so no address can name a path outside
-    ``<data>/domains``.
-    """
-    user = recipient.local.lower()
-    domain = recipient.domain.lower()
-    if not user or not domain or user.startswith(".") or domain.startswith("."):
-        return None
-    try:
-        path = FilePath(dataDir).child("domains").child(domain).child(user).child("Maildir")
-    except InsecurePath:
-        return None
-    return path.path
+HEADER_LIMIT = 256 * 1024
+DATABASE_DOWN = "Temporary failure: the user database is unavailable. (#4.3.0)"
 
 
-def returnPathLines(sender: Address, recipient: Address) -> bytes:
+@dataclass(frozen=True)
+class LocalSettings:
+    data: str
+    domains: DomainTable
+    me: str = "localhost"
+    overQuota: str = "bounce"  # or "defer"
+    warnPercent: int = 90  # 0: no quota warnings
+    delimiters: str = "-"
+    programTimeout: float = 3600.0
+
+
+def returnPathLines(sender: Address, address: str) -> bytes:
     """qmail-local's RPLINE and DTLINE."""
-    return f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode("ascii", "replace")
+    return f"Return-Path: <{sender}>\nDelivered-To: {address}\n".encode("ascii", "replace")
+
+
+def hasDeliveredTo(header: bytes, address: str) -> bool:
+    """qmail-local's loop test: our exact Delivered-To line is in the header already."""
+    wanted = address.lower().encode("ascii", "replace")
+    for line in header.split(b"\n"):
+        if line[:13].lower() == b"delivered-to:" and line[13:].strip().lower() == wanted:
+            return True
+    return False
+
+
+@dataclass
+class Injection:
+    """A message delivery creates: a forward or an auto-reply."""
+
+    sender: Address
+    recipients: list[Address]
+    content: bytes
+    what: str
+
+
+@dataclass
+class _Progress:
+    """One recipient's delivery as it runs through its plan."""
+
+    recipient: Address
+    plan: Plan | None = None
+    position: int = 0
+    files: int = 0
+    forwards: list[Address] = field(default_factory=list)
+    programs: int = 0
+    result: DeliveryResult | None = None
+    injections: list[Injection] = field(default_factory=list)
+    header: bytes = b""
 
 
 @implementer(IDeliveryAgent)
@@ -60,14 +129,22 @@ class LocalDeliveryAgent:
     def __init__(
         self,
         runner: Runner,
-        dataDir: str,
+        settings: LocalSettings,
+        store: IUserStore | None = None,
+        queue: QueueStore | None = None,
+        reactor: Any = None,
         writer: MaildirWriter | None = None,
         fs: FileSystem | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._run = runner
-        self.dataDir = dataDir
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.reactor = reactor  # IReactorProcess + IReactorTime, for |program lines
         self.fs = fs or FileSystem()
         self.writer = writer or MaildirWriter(self.fs)
+        self.clock = clock
 
     def batchKey(self, recipient: Address) -> object:
         return recipient  # qmail-local delivers one recipient at a time
@@ -78,46 +155,387 @@ class LocalDeliveryAgent:
         recipients: list[Address],
         whenDelivered: Callable[[], None] | None = None,
     ) -> Deferred[list[DeliveryResult]]:
-        return self._run(self._deliverAll, message, recipients, whenDelivered)
+        return Deferred.fromCoroutine(self._deliverAll(message, recipients, whenDelivered))
 
-    def _deliverAll(
+    async def _deliverAll(
         self,
         message: QueuedMessage,
         recipients: list[Address],
         whenDelivered: Callable[[], None] | None,
     ) -> list[DeliveryResult]:
-        results = [self._deliverOne(message, r) for r in recipients]
-        if whenDelivered is not None and all(r.outcome is Outcome.DELIVERED for r in results):
+        progress = [_Progress(r) for r in recipients]
+        await self._run(self._firstPass, message, progress, whenDelivered)
+        results = []
+        for p in progress:
+            while p.result is None:
+                await self._continue(message, p)
+            if p.injections and p.result.outcome is Outcome.DELIVERED:
+                p.result = await self._inject(message, p)
+            results.append(p.result)
+        return results
+
+    # -- worker thread ------------------------------------------------------
+
+    def _firstPass(
+        self,
+        message: QueuedMessage,
+        progress: list[_Progress],
+        whenDelivered: Callable[[], None] | None,
+    ) -> None:
+        for p in progress:
+            self._step(message, p)
+        done = all(
+            p.result is not None and p.result.outcome is Outcome.DELIVERED and not p.injections
+            for p in progress
+        )
+        if whenDelivered is not None and done:
             try:
                 whenDelivered()
             except OSError:
                 pass  # the queue manager tries again in its own time
-        return results
 
-    def _deliverOne(self, message: QueuedMessage, recipient: Address) -> DeliveryResult:
-        maildir = mailboxPath(self.dataDir, recipient)
-        if maildir is None:
-            return permanent(NO_MAILBOX)
+    def _step(self, message: QueuedMessage, p: _Progress) -> None:
+        """Run the plan's lines until a program needs the reactor or the plan ends."""
         try:
             source = self.fs.openRead(message.path)
         except OSError as e:
-            return temporary(f"Unable to read message: {e.strerror}. (#4.3.0)")
+            p.result = temporary(f"Unable to read message: {e.strerror}. (#4.3.0)")
+            return
         try:
-            name = self.writer.deliver(
-                maildir,
-                returnPathLines(message.sender, recipient),
-                source,
-                message.messageOffset,
-                message.messageLength,
-            )
+            if p.plan is None and not self._plan(message, p, source):
+                return
+            plan = p.plan
+            assert plan is not None
+            if plan.ownerFolder is None:
+                self._runLines(message, p, source)
+                return
+            created = False
+            if plan.owner is not None and not os.path.isdir(plan.ownerFolder):
+                makeMaildir(self.fs, os.path.join(plan.ownerFolder, "Maildir"))
+                created = True
+            with holdFolder(plan.ownerFolder):
+                # A folder made here may belong to a user deleted meanwhile.
+                if created and self._gone(plan.owner):
+                    shutil.rmtree(plan.ownerFolder, ignore_errors=True)
+                    p.result = temporary(f"The mailbox of {plan.address} was deleted. (#4.2.1)")
+                    return
+                self._runLines(message, p, source)
+        except DatabaseUnavailable:
+            p.result = temporary(DATABASE_DOWN)
+        except MboxError as e:
+            p.result = temporary(e.text)
         except OSError as e:
             reason = e.strerror or str(e)
-            if e.errno == errno.ENOENT:
-                # Only now look why: no such user (permanent) or a broken Maildir.
-                if not os.path.isdir(os.path.dirname(maildir)):
-                    return permanent(NO_MAILBOX)
-                return temporary(f"Unable to write into maildir: {reason}. (#4.2.1)")
-            return temporary(f"Temporary error on maildir delivery: {reason}. (#4.3.0)")
+            p.result = temporary(f"Temporary error on local delivery: {reason}. (#4.3.0)")
         finally:
             self.fs.close(source)
-        return delivered(f"did 0+0+1/ {name}")
+
+    def _gone(self, owner: User | None) -> bool:
+        return (
+            owner is not None
+            and self.store is not None
+            and self.store.user(owner.name, owner.domain) is None
+        )
+
+    def _plan(self, message: QueuedMessage, p: _Progress, source: int) -> bool:
+        plan = resolveRecipient(
+            self.store,
+            self.settings.data,
+            self.settings.domains,
+            p.recipient,
+            self.settings.delimiters,
+        )
+        if plan.final is not None:
+            p.result = plan.final
+            return False
+        header = self._readHeader(message, source)
+        if hasDeliveredTo(header, plan.address):
+            p.result = permanent(
+                "This message is looping: it already has my Delivered-To line. (#5.4.6)"
+            )
+            return False
+        p.plan = plan
+        p.header = header
+        return True
+
+    def _readHeader(self, message: QueuedMessage, source: int) -> bytes:
+        head = self.fs.readAt(
+            source, min(message.messageLength, HEADER_LIMIT), message.messageOffset
+        )
+        end = head.find(b"\n\n")
+        return head if end < 0 else head[: end + 1]
+
+    def _runLines(self, message: QueuedMessage, p: _Progress, source: int) -> None:
+        plan = p.plan
+        assert plan is not None
+        lines = plan.instructions
+        while p.position < len(lines):
+            line = lines[p.position]
+            if isinstance(line, Program):
+                return  # the reactor runs it, then calls _step again
+            p.position += 1
+            if isinstance(line, Forward):
+                try:
+                    p.forwards.append(self._forwardAddress(line.address, plan))
+                except AddressError:
+                    p.result = permanent(f"Bad forwarding address: {line.address}. (#5.1.3)")
+                    return
+            elif isinstance(line, MaildirLine):
+                failed = self._maildir(message, p, source, self._path(plan, line.path))
+                if failed is not None:
+                    p.result = failed
+                    return
+                p.files += 1
+            elif isinstance(line, MboxLine):
+                appendMbox(
+                    self._path(plan, line.path),
+                    self._fromLine(message),
+                    returnPathLines(message.sender, plan.address),
+                    source,
+                    message.messageOffset,
+                    message.messageLength,
+                )
+                p.files += 1
+        self._finish(message, p, source)
+
+    def _finish(self, message: QueuedMessage, p: _Progress, source: int) -> None:
+        plan = p.plan
+        assert plan is not None
+        if p.forwards:
+            content = b"Delivered-To: " + plan.address.encode("ascii", "replace") + b"\n"
+            content += self.fs.readAt(source, message.messageLength, message.messageOffset)
+            p.injections.append(
+                Injection(self._forwardSender(message), p.forwards, content, "forward")
+            )
+        if plan.owner is not None and p.files:
+            self._vacation(message, p, plan.owner)
+        p.result = delivered(f"did {p.files}+{len(p.forwards)}+{p.programs}/")
+
+    def _path(self, plan: Plan, path: str) -> str:
+        return path if path.startswith("/") else os.path.join(plan.home, path)
+
+    def _forwardAddress(self, text: str, plan: Plan) -> Address:
+        address = parseMailbox(text.strip())
+        if not address.domain:
+            address = address.withDomain(plan.address.rpartition("@")[2])
+        return address
+
+    def _forwardSender(self, message: QueuedMessage) -> Address:
+        return message.sender  # bounces (<>, #@[]) stay bounces
+
+    def _fromLine(self, message: QueuedMessage) -> bytes:
+        return ufLine(str(message.sender), self.clock()).encode("ascii", "replace")
+
+    def _maildir(
+        self, message: QueuedMessage, p: _Progress, source: int, path: str
+    ) -> DeliveryResult | None:
+        """Write into one Maildir, under its quota; a result only when it failed."""
+        plan = p.plan
+        assert plan is not None
+        maildir = path.rstrip("/")
+        prefix = returnPathLines(message.sender, plan.address)
+        size = len(prefix) + message.messageLength
+        owned = plan.owner is not None and os.path.join(plan.home, "Maildir") == maildir
+        limit = plan.owner.quota if owned and plan.owner else None
+        if limit is None or limit.unlimited:
+            # No quota of the user's own: a maildirsize already there still
+            # counts (qmail's maildir++ patch), with its own definition.
+            limit = maildirsizeLimit(maildir)
+        if limit is None:
+            self.writer.deliver(
+                maildir, prefix, source, message.messageOffset, message.messageLength
+            )
+            return None
+        quota = MaildirQuota(maildir, limit, clock=self.clock, fs=self.fs)
+        with quota.locked():
+            before = quota.usage()
+            if not quota.check(size, 1):
+                return self._overQuota(plan.address)
+            self.writer.deliver(
+                maildir, prefix, source, message.messageOffset, message.messageLength
+            )
+            quota.add(size, 1)
+        percent = self.settings.warnPercent
+        after = QuotaUsage(before.bytes + size, before.count + 1)
+        if owned and percent and crossedPercent(before, after, quota.limit, percent):
+            self._warn(maildir, plan.address, after, quota.limit)
+        return None
+
+    def _overQuota(self, address: str) -> DeliveryResult:
+        if self.settings.overQuota == "defer":
+            return temporary(f"The mailbox of {address} is over quota. (#4.2.2)")
+        return permanent(f"Sorry, the mailbox of {address} is over quota. (#5.2.2)")
+
+    def _warn(self, maildir: str, address: str, usage: QuotaUsage, limit: QuotaLimit) -> None:
+        warning = quotaWarning(
+            address, self.settings.warnPercent, usage, limit, self.clock(), self.settings.me
+        )
+        try:
+            self.writer.deliver(maildir, warning, -1, 0, 0)
+        except OSError as e:
+            log.warn(
+                "quota warning for {rcpt} not written: {error}", rcpt=address, error=e.strerror
+            )
+
+    def _vacation(self, message: QueuedMessage, p: _Progress, owner: User) -> None:
+        store = self.store
+        if store is None:
+            return
+        try:
+            answer = store.vacation(owner.name, owner.domain)
+            if answer is None:
+                return
+            names = {owner.address, str(p.recipient).lower()}
+            domain = store.domain(owner.domain)
+            if domain is not None:
+                names.update(f"{owner.name}@{alias}" for alias in domain.aliases)
+            ok, why = autoresponder.shouldAnswer(message.sender, p.header, names)
+            if not ok:
+                log.debug("no auto-reply for {rcpt}: {why}", rcpt=owner.address, why=why)
+                return
+            now = self.clock()
+            if not store.noteVacationReply(
+                owner.name, owner.domain, str(message.sender), now, answer.period
+            ):
+                return
+        except DatabaseUnavailable:
+            return  # no reply is better than a deferred delivery
+        content = autoresponder.buildReply(
+            answer,
+            owner.address,
+            message.sender,
+            p.header,
+            now,
+            f"{newMessageId(now)}.qmailtx@{self.settings.me}",
+        )
+        p.injections.append(Injection(Address.null(), [message.sender], content, "auto-reply"))
+
+    # -- reactor thread -----------------------------------------------------
+
+    async def _continue(self, message: QueuedMessage, p: _Progress) -> None:
+        plan = p.plan
+        assert plan is not None
+        line = plan.instructions[p.position]
+        assert isinstance(line, Program)
+        p.position += 1
+        p.programs += 1
+        result, stop = await self._program(message, p, line)
+        if result.outcome is not Outcome.DELIVERED:
+            p.result = result
+            return
+        if stop:
+            p.position = len(plan.instructions)
+        await self._run(self._step, message, p)
+
+    async def _program(
+        self, message: QueuedMessage, p: _Progress, line: Program
+    ) -> tuple[DeliveryResult, bool]:
+        plan = p.plan
+        assert plan is not None
+        if self.reactor is None:
+            return temporary("Program deliveries are not available here. (#4.3.0)"), False
+        try:
+            fd = await self._run(self._messageFile, message)
+        except OSError as e:
+            return temporary(f"Unable to read message: {e.strerror}. (#4.3.0)"), False
+        try:
+            env = qmailEnvironment(
+                user=plan.owner.name if plan.owner else plan.local,
+                home=plan.home,
+                local=plan.address.rpartition("@")[0],
+                host=plan.address.rpartition("@")[2],
+                ext=plan.ext,
+                sender=str(message.sender),
+                when=self.clock(),
+                default=plan.default,
+            )
+            outcome = await runProgram(
+                self.reactor,
+                line.command,
+                env,
+                plan.home or self.settings.data,
+                fd,
+                self.settings.programTimeout,
+                self.reactor,
+            )
+        except (OSError, ValueError) as e:
+            return spawnFailure(e), False
+        finally:
+            os.close(fd)
+        return classifyExit(outcome)
+
+    def _messageFile(self, message: QueuedMessage) -> int:
+        """The message alone in an unnamed, seekable file: a program's stdin."""
+        fd = os.open(self.settings.data, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            source = self.fs.openRead(message.path)
+            try:
+                self.fs.copyRange(source, fd, message.messageOffset, message.messageLength)
+            finally:
+                self.fs.close(source)
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def _inject(self, message: QueuedMessage, p: _Progress) -> DeliveryResult:
+        assert p.result is not None
+        if self.queue is None:
+            return temporary("Forwarding is not available here. (#4.3.0)")
+        for injection in p.injections:
+            try:
+                queued = await self.queue.inject(
+                    self.clock(),
+                    injection.sender,
+                    injection.recipients,
+                    injection.content,
+                    {"f": message.msgid},
+                )
+            except OSError as e:
+                if injection.what == "forward":
+                    return temporary(f"Unable to forward message: {e.strerror}. (#4.3.0)")
+                log.warn("auto-reply for {msgid} not queued: {error}", msgid=message.msgid, error=e)
+                continue
+            log.info(
+                "{what} of msg {msgid} to {rcpt} queued as msg {queued}",
+                what=injection.what,
+                msgid=message.msgid,
+                rcpt=",".join(str(r) for r in injection.recipients),
+                queued=queued.msgid,
+            )
+        return p.result
+
+
+def maildirsizeLimit(maildir: str) -> QuotaLimit | None:
+    """The definition line of a Maildir's own maildirsize, if it has a usable one."""
+    try:
+        with open(os.path.join(maildir, MAILDIRSIZE), "rb") as f:
+            first = f.readline(200)
+        limit = parseDefinition(first.decode("ascii").strip())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return None if limit.unlimited else limit
+
+
+def quotaWarning(
+    address: str, percent: int, usage: QuotaUsage, limit: QuotaLimit, now: float, me: str
+) -> bytes:
+    """vpopmail's quota warning, delivered into the mailbox itself."""
+    used = f"{usage.bytes} of its {limit.bytes} bytes" if limit.bytes else ""
+    if limit.count:
+        used += (" and " if used else "") + f"{usage.count} of its {limit.count} messages"
+    return (
+        f"From: Mail Delivery System <MAILER-DAEMON@{me}>\n"
+        f"To: {address}\n"
+        f"Subject: Your mailbox is {percent}% full\n"
+        f"Date: {rfc5322Date(now)}\n"
+        f"Message-ID: <{newMessageId(now)}.quota@{me}>\n"
+        "Auto-Submitted: auto-generated\n"
+        "MIME-Version: 1.0\n"
+        "Content-Type: text/plain; charset=us-ascii\n"
+        "\n"
+        f"Your mailbox {address} uses {used}.\n"
+        "Please delete some messages: mail that does not fit will be returned\n"
+        "to its senders.\n"
+    ).encode("ascii", "replace")

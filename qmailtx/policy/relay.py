@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -11,6 +12,7 @@ from qmailtx.address import Address
 from qmailtx.domains import DomainTable
 from qmailtx.policy.interfaces import IRecipientCheck, ISMTPSession
 from qmailtx.policy.verdict import CONTINUE, Verdict, reject
+from qmailtx.vdomain.hosted import HostedDomains
 
 log = Logger()
 
@@ -18,12 +20,29 @@ log = Logger()
 @implementer(IRecipientCheck)
 @dataclass(frozen=True)
 class RelayControl:
-    """Refuse recipients outside our domains unless the client may relay."""
+    """Refuse recipients outside our domains unless the client may relay.
+
+    Our domains are the control files' (rcpthosts, or locals and
+    virtualdomains) and the user database's hosted domains.
+    """
 
     domains: DomainTable
+    hosted: HostedDomains | None = None
 
-    def checkRecipient(self, session: ISMTPSession, recipient: Address) -> Verdict:
+    def checkRecipient(
+        self, session: ISMTPSession, recipient: Address
+    ) -> Verdict | Deferred[Verdict]:
         if self.domains.acceptsMailFor(recipient.domain) or session.relayAllowed:
+            return CONTINUE
+        if self.hosted is not None:
+            found = self.hosted.lookup(recipient.domain)
+            if isinstance(found, Deferred):
+                return found.addCallback(self._decide, session, recipient)
+            return self._decide(found, session, recipient)
+        return self._decide(False, session, recipient)
+
+    def _decide(self, hosted: bool, session: ISMTPSession, recipient: Address) -> Verdict:
+        if hosted:
             return CONTINUE
         log.info(
             "relay refused: {rcpt} from {peer} session {session}",

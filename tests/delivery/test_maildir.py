@@ -1,4 +1,4 @@
-"""Maildir writer and the local delivery agent."""
+"""The Maildir writer."""
 
 from __future__ import annotations
 
@@ -9,16 +9,9 @@ import re
 import threading
 
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
 
-from qmailtx.address import Address
-from qmailtx.delivery.interfaces import IDeliveryAgent, Outcome
-from qmailtx.delivery.local import LocalDeliveryAgent, mailboxPath
 from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
 from qmailtx.fs import FileSystem
-from qmailtx.queue.disk import QueueDisk
-from qmailtx.queue.layout import QueuedMessage
-from qmailtx.queue.store import synchronousRunner
 from qmailtx.testing import RecordingFileSystem
 
 NAME = re.compile(r"^\d+\.M\d+P\d+Q\d+\.[^/:]+,S=\d+$")
@@ -95,68 +88,3 @@ class MaildirWriterTests(SynchronousTestCase):
 
     def test_hostNameIsEscaped(self) -> None:
         self.assertIn(".a\\057b\\072c,", MaildirWriter(host="a/b:c").uniqueName(1))
-
-
-class LocalAgentTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.data = self.mktemp()
-        makeMaildir(FileSystem(), os.path.join(self.data, "domains", "mx.test", "joe", "Maildir"))
-        self.disk = QueueDisk(os.path.join(self.data, "queue"))
-        self.disk.create()
-
-    def queued(self, *recipients: str) -> QueuedMessage:
-        return self.disk.inject(
-            1000.0,
-            Address("a", "b.example"),
-            [Address.fromStored(r) for r in recipients],
-            b"Subject: hi\n\nbody\n",
-            {},
-        )
-
-    def deliver(self, agent: LocalDeliveryAgent, recipient: str) -> tuple[Outcome, str]:
-        message = self.queued(recipient)
-        results: list[object] = []
-        agent.deliver(message, [Address.fromStored(recipient)]).addCallback(results.extend)
-        [result] = results
-        return result.outcome, result.text  # type: ignore[attr-defined]
-
-    def test_deliversIntoTheUsersMaildir(self) -> None:
-        agent = LocalDeliveryAgent(synchronousRunner, self.data)
-        verifyObject(IDeliveryAgent, agent)
-        outcome, _ = self.deliver(agent, "Joe@MX.test")
-        self.assertEqual(outcome, Outcome.DELIVERED)
-        new = os.path.join(self.data, "domains", "mx.test", "joe", "Maildir", "new")
-        [name] = os.listdir(new)
-        with open(os.path.join(new, name), "rb") as f:
-            self.assertEqual(
-                f.read(),
-                b"Return-Path: <a@b.example>\nDelivered-To: Joe@mx.test\nSubject: hi\n\nbody\n",
-            )
-
-    def test_unknownUserIsPermanent(self) -> None:
-        outcome, text = self.deliver(
-            LocalDeliveryAgent(synchronousRunner, self.data), "ann@mx.test"
-        )
-        self.assertEqual(
-            (outcome, text), (Outcome.PERMANENT, "Sorry, no mailbox here by that name. (#5.1.1)")
-        )
-
-    def test_diskErrorsAreTemporary(self) -> None:
-        for code in (errno.EIO, errno.ENOSPC, errno.EAGAIN):
-            fs = RecordingFileSystem()
-            fs.failOn["fsync"] = code
-            agent = LocalDeliveryAgent(synchronousRunner, self.data, MaildirWriter(fs), fs)
-            outcome, text = self.deliver(agent, "joe@mx.test")
-            self.assertEqual(outcome, Outcome.TEMPORARY, text)
-            self.assertIn(os.strerror(code), text)
-        outcome, _ = self.deliver(LocalDeliveryAgent(synchronousRunner, self.data), "joe@mx.test")
-        self.assertEqual(outcome, Outcome.DELIVERED)
-
-    def test_addressesCannotEscapeTheDataFolder(self) -> None:
-        for local in ["..", ".", "../../etc", "a/b", ".qmail", ""]:
-            self.assertIsNone(mailboxPath(self.data, Address(local, "mx.test")), local)
-        self.assertIsNone(mailboxPath(self.data, Address("joe", "..")))
-        path = mailboxPath(self.data, Address("JOE", "MX.test"))
-        self.assertEqual(
-            path, os.path.join(os.path.abspath(self.data), "domains", "mx.test", "joe", "Maildir")
-        )

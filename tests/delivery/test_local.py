@@ -1,0 +1,610 @@
+"""Local delivery: recipient resolution, dot-qmail lines, quotas, loops, auto-replies."""
+
+from __future__ import annotations
+
+import email
+import email.utils
+import errno
+import os
+import threading
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from qmailtx.address import Address
+from qmailtx.control import buildControl
+from qmailtx.delivery.interfaces import DeliveryResult, IDeliveryAgent, Outcome
+from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
+from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
+from qmailtx.domains import DomainTable
+from qmailtx.fs import FileSystem
+from qmailtx.queue.disk import QueueDisk
+from qmailtx.queue.layout import QueuedMessage
+from qmailtx.queue.store import QueueStore, Runner, synchronousRunner
+from qmailtx.testing import RecordingFileSystem
+from qmailtx.vdomain.layout import userFolder
+from qmailtx.vdomain.records import (
+    Alias,
+    CatchAll,
+    CatchAllAction,
+    Domain,
+    QuotaLimit,
+    User,
+    UserFlags,
+    Vacation,
+)
+from qmailtx.vdomain.sqlite import SQLiteUserStore
+from qmailtx.vdomain.userlock import holdFolder, retireFolder
+
+reactor: Any = _reactor
+
+NO_MAILBOX = "Sorry, no mailbox here by that name. (#5.1.1)"
+MESSAGE = b"From: Bob <bob@remote.test>\nTo: alice@example.com\nSubject: hi\n\nbody\n"
+
+
+class _Fixture:
+    """A data folder with example.com (alias example.net), alice and bob (1000-byte quota)."""
+
+    def setUpFixture(self, mktemp: Any, **settings: Any) -> None:
+        self.data = os.path.abspath(mktemp())
+        os.makedirs(self.data)
+        self.store = SQLiteUserStore(os.path.join(self.data, "users.sqlite3"))
+        self.store.addDomain(Domain("example.com", aliases=("example.net",)))
+        for user in (
+            User("alice", "example.com"),
+            User("bob", "example.com", quota=QuotaLimit(1000)),
+        ):
+            self.store.addUser(user)
+            makeMaildir(FileSystem(), self.maildir(user.name))
+        self.disk = QueueDisk(os.path.join(self.data, "queue"))
+        self.disk.create()
+        self.queue = QueueStore(self.disk, synchronousRunner)
+        self.injected: list[QueuedMessage] = []
+        self.queue.addListener(self.injected.append)
+        control = buildControl({"me": "mx.test", "locals": ["localhost"]}, {}, "test")
+        self.settings = LocalSettings(
+            data=self.data, domains=DomainTable.fromControl(control), me="mx.test", **settings
+        )
+
+    def agent(
+        self, runner: Runner = synchronousRunner, fs: FileSystem | None = None, **kw: Any
+    ) -> LocalDeliveryAgent:
+        return LocalDeliveryAgent(
+            runner,
+            self.settings,
+            self.store,
+            self.queue,
+            kw.pop("reactor", None),
+            MaildirWriter(fs) if fs else None,
+            fs,
+            **kw,
+        )
+
+    def maildir(self, user: str, domain: str = "example.com") -> str:
+        return os.path.join(userFolder(self.data, user, domain).path, "Maildir")
+
+    def delivered(self, user: str, domain: str = "example.com") -> list[bytes]:
+        new = os.path.join(self.maildir(user, domain), "new")
+        found = []
+        for name in sorted(os.listdir(new)):
+            with open(os.path.join(new, name), "rb") as f:
+                found.append(f.read())
+        return found
+
+    def queued(
+        self, recipient: str, content: bytes = MESSAGE, sender: str = "bob@remote.test"
+    ) -> QueuedMessage:
+        return self.disk.inject(
+            1000.0, Address.fromStored(sender), [Address.fromStored(recipient)], content, {}
+        )
+
+    def writeFile(self, path: str, text: str, mode: int = 0o600) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+
+    def injectedMessages(self) -> list[tuple[str, list[str], bytes]]:
+        found = []
+        for message in self.injected:
+            found.append(
+                (
+                    str(message.sender),
+                    [str(r) for r in message.recipients],
+                    self.disk.readMessage(message, 1 << 20),
+                )
+            )
+        return found
+
+
+class ResolutionTests(_Fixture, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp)
+
+    def deliver(
+        self,
+        recipient: str,
+        content: bytes = MESSAGE,
+        agent: LocalDeliveryAgent | None = None,
+        sender: str = "bob@remote.test",
+    ) -> DeliveryResult:
+        agent = agent or self.agent()
+        d = agent.deliver(self.queued(recipient, content, sender), [Address.fromStored(recipient)])
+        [result] = self.successResultOf(d)
+        return result
+
+    def test_userMaildir(self) -> None:
+        verifyObject(IDeliveryAgent, self.agent())
+        result = self.deliver("Alice@Example.COM")
+        self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+        self.assertEqual(
+            self.delivered("alice"),
+            [b"Return-Path: <bob@remote.test>\nDelivered-To: alice@example.com\n" + MESSAGE],
+        )
+
+    def test_aliasDomainDeliversToTheSameUser(self) -> None:
+        self.assertEqual(self.deliver("alice@example.net").outcome, Outcome.DELIVERED)
+        [mail] = self.delivered("alice")
+        self.assertIn(b"Delivered-To: alice@example.com\n", mail)
+
+    def test_unknownUserBouncesByDefault(self) -> None:
+        result = self.deliver("nobody@example.com")
+        self.assertEqual((result.outcome, result.text), (Outcome.PERMANENT, NO_MAILBOX))
+
+    def test_unknownDomainBounces(self) -> None:
+        result = self.deliver("alice@elsewhere.test")
+        self.assertEqual((result.outcome, result.text), (Outcome.PERMANENT, NO_MAILBOX))
+
+    def test_catchAllDelete(self) -> None:
+        self.store.setCatchAll("example.com", CatchAll(CatchAllAction.DELETE))
+        result = self.deliver("nobody@example.com")
+        self.assertEqual(result.outcome, Outcome.DELIVERED)
+        self.assertEqual(self.delivered("alice") + self.delivered("bob"), [])
+        self.assertEqual(self.injected, [])
+
+    def test_catchAllForward(self) -> None:
+        self.store.setCatchAll("example.com", CatchAll(CatchAllAction.FORWARD, "boss@remote.test"))
+        result = self.deliver("nobody@example.com")
+        self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+        [(sender, rcpts, content)] = self.injectedMessages()
+        self.assertEqual((sender, rcpts), ("bob@remote.test", ["boss@remote.test"]))
+        self.assertEqual(content, b"Delivered-To: nobody@example.com\n" + MESSAGE)
+
+    def test_catchAllMailbox(self) -> None:
+        self.store.setCatchAll("example.com", CatchAll(CatchAllAction.MAILBOX, "alice"))
+        self.assertEqual(self.deliver("nobody@example.com").outcome, Outcome.DELIVERED)
+        [mail] = self.delivered("alice")
+        self.assertIn(b"Delivered-To: nobody@example.com\n", mail)
+
+    def test_catchAllMailboxMissingIsTemporary(self) -> None:
+        self.store.setCatchAll("example.com", CatchAll(CatchAllAction.MAILBOX, "carol"))
+        self.assertEqual(self.deliver("nobody@example.com").outcome, Outcome.TEMPORARY)
+
+    def test_extensionFallsBackToTheUsersMaildir(self) -> None:
+        self.assertEqual(self.deliver("alice-lists@example.com").outcome, Outcome.DELIVERED)
+        [mail] = self.delivered("alice")
+        self.assertIn(b"Delivered-To: alice-lists@example.com\n", mail)
+
+    def test_configuredDelimiter(self) -> None:
+        self.setUpFixture(self.mktemp, delimiters="+-")
+        self.assertEqual(self.deliver("alice+tag@example.com").outcome, Outcome.DELIVERED)
+        self.assertEqual(len(self.delivered("alice")), 1)
+
+    def test_extensionDotQmail(self) -> None:
+        home = userFolder(self.data, "alice", "example.com").path
+        self.writeFile(os.path.join(home, ".qmail-lists"), "&lists@remote.test\n")
+        self.writeFile(os.path.join(home, ".qmail-shop-default"), "./Maildir/\n")
+        result = self.deliver("alice-lists@example.com")
+        self.assertEqual((result.outcome, result.text), (Outcome.DELIVERED, "did 0+1+0/"))
+        self.assertEqual(self.delivered("alice"), [])
+        [(_, rcpts, _)] = self.injectedMessages()
+        self.assertEqual(rcpts, ["lists@remote.test"])
+        self.assertEqual(self.deliver("alice-shop-books@example.com").outcome, Outcome.DELIVERED)
+        self.assertEqual(len(self.delivered("alice")), 1)
+
+    def test_usersDotQmail(self) -> None:
+        home = userFolder(self.data, "alice", "example.com").path
+        self.writeFile(
+            os.path.join(home, ".qmail"), "# keep a copy\n./Maildir/\t\t\n&copy@remote.test \t\n"
+        )
+        result = self.deliver("alice@example.com")
+        self.assertEqual((result.outcome, result.text), (Outcome.DELIVERED, "did 1+1+0/"))
+        self.assertEqual(len(self.delivered("alice")), 1)
+        [(_, rcpts, _)] = self.injectedMessages()
+        self.assertEqual(rcpts, ["copy@remote.test"])
+
+    def test_blankFirstLineIsTemporary(self) -> None:
+        home = userFolder(self.data, "alice", "example.com").path
+        self.writeFile(os.path.join(home, ".qmail"), "\t\t\n./Maildir/\n")
+        result = self.deliver("alice@example.com")
+        self.assertEqual(
+            (result.outcome, result.text),
+            (Outcome.TEMPORARY, "Uh-oh: first line of .qmail file is blank. (#4.2.1)"),
+        )
+        self.assertEqual(self.delivered("alice"), [])
+
+    def test_domainFolderDotQmail(self) -> None:
+        domain = os.path.join(self.data, "domains", "example.com")
+        self.writeFile(
+            os.path.join(domain, ".qmail-info"), "&alice@example.com\n&bob@example.com\n"
+        )
+        self.writeFile(
+            os.path.join(domain, ".qmail-default"), "| /nonexistent/vdelivermail '' delete\n"
+        )
+        self.assertEqual(self.deliver("info@example.com").text, "did 0+2+0/")
+        [(_, rcpts, _)] = self.injectedMessages()
+        self.assertEqual(rcpts, ["alice@example.com", "bob@example.com"])
+        # .qmail-default is vpopmail's vdelivermail line: the catch-all replaces it.
+        self.assertEqual(self.deliver("nobody@example.com").text, NO_MAILBOX)
+
+    def test_valias(self) -> None:
+        self.store.addAlias(
+            Alias(
+                "sales",
+                "example.com",
+                ("&a@remote.test", "b@remote.test", self.maildir("alice") + "/"),
+            )
+        )
+        result = self.deliver("sales@example.com")
+        self.assertEqual((result.outcome, result.text), (Outcome.DELIVERED, "did 1+2+0/"))
+        [(_, rcpts, content)] = self.injectedMessages()
+        self.assertEqual(rcpts, ["a@remote.test", "b@remote.test"])
+        self.assertTrue(content.startswith(b"Delivered-To: sales@example.com\n"))
+        [mail] = self.delivered("alice")
+        self.assertIn(b"Delivered-To: sales@example.com\n", mail)
+
+    def test_valiasDefault(self) -> None:
+        self.store.addAlias(Alias("list-default", "example.com", ("&owner@remote.test",)))
+        self.assertEqual(self.deliver("list-subscribe-x@example.com").outcome, Outcome.DELIVERED)
+        self.assertEqual(len(self.injected), 1)
+
+    def test_loopBounces(self) -> None:
+        looping = b"Delivered-To: other@example.org\nDelivered-To: ALICE@example.com\n" + MESSAGE
+        result = self.deliver("alice@example.com", looping)
+        self.assertEqual(
+            (result.outcome, result.text),
+            (
+                Outcome.PERMANENT,
+                "This message is looping: it already has my Delivered-To line. (#5.4.6)",
+            ),
+        )
+        self.assertEqual(self.delivered("alice"), [])
+        # A Delivered-To line in the body is not a loop.
+        self.assertEqual(
+            self.deliver(
+                "alice@example.com", MESSAGE + b"Delivered-To: alice@example.com\n"
+            ).outcome,
+            Outcome.DELIVERED,
+        )
+
+    def test_forwardLoopEndsInABounce(self) -> None:
+        self.store.addAlias(Alias("a", "example.com", ("&b@example.com",)))
+        self.store.addAlias(Alias("b", "example.com", ("&a@example.com",)))
+        self.assertEqual(self.deliver("a@example.com").outcome, Outcome.DELIVERED)
+        results = []
+        for _ in range(3):
+            forwarded = self.injected.pop(0)
+            [rcpt] = forwarded.recipients
+            [result] = self.successResultOf(self.agent().deliver(forwarded, [rcpt]))
+            results.append(result.outcome)
+            if result.outcome is not Outcome.DELIVERED:
+                break
+        self.assertEqual(results, [Outcome.DELIVERED, Outcome.PERMANENT])
+
+    def test_lockedAccountBounces(self) -> None:
+        self.store.setFlags("alice", "example.com", UserFlags.BOUNCE_MAIL)
+        result = self.deliver("alice@example.com")
+        self.assertEqual(result.outcome, Outcome.PERMANENT)
+        self.assertIn("locked", result.text)
+
+    def test_missingUserFolderIsCreated(self) -> None:
+        self.store.addUser(User("carol", "example.com"))
+        self.assertEqual(self.deliver("carol@example.com").outcome, Outcome.DELIVERED)
+        self.assertEqual(len(self.delivered("carol")), 1)
+
+    def test_namesThatCannotBeFoldersBounce(self) -> None:
+        for local in ("..", ".qmail", "a/b", "../../etc"):
+            result = self.deliver(f'"{local}"@example.com')
+            self.assertEqual(result.outcome, Outcome.PERMANENT, local)
+
+    def test_controlFileLocalDomainUsesFolders(self) -> None:
+        makeMaildir(
+            FileSystem(), os.path.join(self.data, "domains", "localhost", "postmaster", "Maildir")
+        )
+        self.assertEqual(self.deliver("postmaster@localhost").outcome, Outcome.DELIVERED)
+        self.assertEqual(len(self.delivered("postmaster", "localhost")), 1)
+        self.assertEqual(self.deliver("joe@localhost").text, NO_MAILBOX)
+
+    def test_databaseDownIsTemporary(self) -> None:
+        broken = os.path.join(self.data, "broken.sqlite3")
+        with open(broken, "wb") as f:
+            f.write(b"garbage" * 1000)
+        agent = self.agent()
+        agent.store = SQLiteUserStore(broken)
+        result = self.deliver("alice@example.com", agent=agent)
+        self.assertEqual(result.outcome, Outcome.TEMPORARY)
+        self.assertIn("database", result.text)
+
+    def test_diskErrorsAreTemporary(self) -> None:
+        for code in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
+            fs = RecordingFileSystem()
+            fs.failOn["fsync"] = code
+            result = self.deliver("bob@example.com", agent=self.agent(fs=fs))
+            self.assertEqual(result.outcome, Outcome.TEMPORARY, result.text)
+            self.assertIn(os.strerror(code), result.text)
+            self.assertTrue(result.text.endswith("(#4.3.0)"), result.text)
+        self.assertEqual(self.delivered("bob"), [])
+
+    def test_deletedUserFolderIsTemporaryThenBounces(self) -> None:
+        folder = userFolder(self.data, "alice", "example.com").path
+        agent = self.agent()
+        message = self.queued("alice@example.com")
+        # The user is deleted between resolution and writing.
+        original = agent._plan
+
+        def deleteAfterPlanning(*args: Any) -> bool:
+            planned = original(*args)
+            self.store.deleteUser("alice", "example.com")
+            retireFolder(folder, os.path.join(self.data, "deleted"))
+            return planned
+
+        agent._plan = deleteAfterPlanning  # type: ignore[method-assign,assignment]
+        [result] = self.successResultOf(agent.deliver(message, [Address("alice", "example.com")]))
+        self.assertEqual(result.outcome, Outcome.TEMPORARY, result.text)
+        self.assertFalse(os.path.exists(folder))  # not made again for a deleted user
+        [result] = self.successResultOf(
+            self.agent().deliver(message, [Address("alice", "example.com")])
+        )
+        self.assertEqual((result.outcome, result.text), (Outcome.PERMANENT, NO_MAILBOX))
+
+
+class QuotaTests(_Fixture, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp, warnPercent=0)
+
+    def deliver(self, recipient: str, size: int) -> DeliveryResult:
+        body = b"x" * size
+        d = self.agent().deliver(self.queued(recipient, body), [Address.fromStored(recipient)])
+        [result] = self.successResultOf(d)
+        return result
+
+    def maildirsize(self, user: str = "bob") -> list[str]:
+        with open(os.path.join(self.maildir(user), "maildirsize")) as f:
+            return f.read().splitlines()
+
+    def test_underQuotaDeliversAndCounts(self) -> None:
+        result = self.deliver("bob@example.com", 100)
+        self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+        [mail] = self.delivered("bob")
+        lines = self.maildirsize()
+        self.assertEqual(lines[0], "1000S")
+        self.assertEqual(sum(int(line.split()[0]) for line in lines[1:]), len(mail))
+        [name] = os.listdir(os.path.join(self.maildir("bob"), "new"))
+        self.assertTrue(name.endswith(f",S={len(mail)}"))
+
+    def test_overQuotaBouncesByDefault(self) -> None:
+        result = self.deliver("bob@example.com", 2000)
+        self.assertEqual(
+            (result.outcome, result.text),
+            (Outcome.PERMANENT, "Sorry, the mailbox of bob@example.com is over quota. (#5.2.2)"),
+        )
+        self.assertEqual(self.delivered("bob"), [])
+
+    def test_overQuotaDefersWhenConfigured(self) -> None:
+        self.setUpFixture(self.mktemp, overQuota="defer", warnPercent=0)
+        result = self.deliver("bob@example.com", 2000)
+        self.assertEqual(
+            (result.outcome, result.text),
+            (Outcome.TEMPORARY, "The mailbox of bob@example.com is over quota. (#4.2.2)"),
+        )
+
+    def test_fillingUpThenFull(self) -> None:
+        sizes = [self.deliver("bob@example.com", 300).outcome for _ in range(4)]
+        self.assertEqual(sizes[:2], [Outcome.DELIVERED, Outcome.DELIVERED])
+        self.assertEqual(sizes[-1], Outcome.PERMANENT)
+
+    def test_quotaChangeInTheDatabaseRewritesMaildirsize(self) -> None:
+        self.deliver("bob@example.com", 100)
+        self.store.setQuota("bob", "example.com", QuotaLimit(5000, 10))
+        self.assertEqual(self.deliver("bob@example.com", 1500).outcome, Outcome.DELIVERED)
+        self.assertEqual(self.maildirsize()[0], "5000S,10C")
+
+    def test_unlimitedUserGetsNoMaildirsize(self) -> None:
+        self.assertEqual(self.deliver("alice@example.com", 5000).outcome, Outcome.DELIVERED)
+        self.assertFalse(os.path.exists(os.path.join(self.maildir("alice"), "maildirsize")))
+
+    def test_maildirLineHonoursAnExistingMaildirsize(self) -> None:
+        shared = os.path.join(self.data, "shared", "Maildir")
+        makeMaildir(FileSystem(), shared)
+        self.writeFile(os.path.join(shared, "maildirsize"), "500S\n0 0\n")
+        self.store.addAlias(Alias("team", "example.com", (shared + "/",)))
+        self.assertEqual(self.deliver("team@example.com", 100).outcome, Outcome.DELIVERED)
+        self.assertEqual(self.deliver("team@example.com", 600).outcome, Outcome.PERMANENT)
+
+    def test_warningOncePerCrossing(self) -> None:
+        self.setUpFixture(self.mktemp, warnPercent=50)
+        self.deliver("bob@example.com", 200)
+        self.assertEqual(len(self.delivered("bob")), 1)
+        self.deliver("bob@example.com", 300)  # crosses 500 bytes: message + warning
+        mails = self.delivered("bob")
+        self.assertEqual(len(mails), 3)
+        warnings = [m for m in mails if b"Subject: Your mailbox is 50% full" in m]
+        self.assertEqual(len(warnings), 1)
+        self.deliver("bob@example.com", 10)  # above already: no second warning
+        self.assertEqual(len(self.delivered("bob")), 4)
+
+
+class ConcurrentQuotaTests(_Fixture, TestCase):
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp, warnPercent=0)
+
+    async def test_twoDeliveriesNearTheLimit(self) -> None:
+        """Two deliveries that each fit alone but not together: exactly one lands."""
+
+        def threaded(f: Any, *args: Any) -> Deferred[Any]:
+            return deferToThread(f, *args)
+
+        results = []
+        for _ in range(5):
+            for name in os.listdir(os.path.join(self.maildir("bob"), "new")):
+                os.unlink(os.path.join(self.maildir("bob"), "new", name))
+            sizePath = os.path.join(self.maildir("bob"), "maildirsize")
+            if os.path.exists(sizePath):
+                os.unlink(sizePath)
+            messages = [self.queued("bob@example.com", b"x" * 550) for _ in range(2)]
+            agent = self.agent(runner=threaded)
+            outcomes = await gatherResults(
+                [agent.deliver(m, [Address("bob", "example.com")]) for m in messages]
+            )
+            results.append(sorted(r[0].outcome.value for r in outcomes))
+            self.assertEqual(len(self.delivered("bob")), 1)
+        self.assertEqual(results, [["failure", "success"]] * 5)
+
+
+class UserLockTests(SynchronousTestCase):
+    def test_retireWaitsForDeliveriesInProgress(self) -> None:
+        folder = os.path.join(self.mktemp(), "alice")
+        os.makedirs(folder)
+        events: list[str] = []
+        holding = threading.Event()
+        release = threading.Event()
+
+        def deliver() -> None:
+            with holdFolder(folder):
+                holding.set()
+                release.wait(5)
+                events.append("delivered")
+
+        worker = threading.Thread(target=deliver)
+        worker.start()
+        holding.wait(5)
+
+        def retire() -> None:
+            retireFolder(folder, folder + ".trash")
+            events.append("retired")
+
+        retirer = threading.Thread(target=retire)
+        retirer.start()
+        retirer.join(0.2)
+        self.assertEqual(events, [])
+        release.set()
+        worker.join()
+        retirer.join()
+        self.assertEqual(events, ["delivered", "retired"])
+        self.assertFalse(os.path.exists(folder))
+        self.assertRaises(FileNotFoundError, holdFolder(folder).__enter__)
+
+    def test_holdNoticesAFolderReplacedMeanwhile(self) -> None:
+        base = self.mktemp()
+        folder = os.path.join(base, "alice")
+        os.makedirs(folder)
+        fd = os.open(folder, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        os.rename(folder, folder + ".old")
+        os.makedirs(folder)
+        # A fresh folder at the same path is fine to hold...
+        with holdFolder(folder):
+            pass
+        # ...and retiring keeps mail when asked.
+        kept = retireFolder(folder, os.path.join(base, "trash"), keep=True)
+        self.assertTrue(os.path.isdir(kept))
+
+
+class ProgramAndAutoReplyTests(_Fixture, TestCase):
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp)
+
+    async def deliver(
+        self, recipient: str, content: bytes = MESSAGE, sender: str = "bob@remote.test"
+    ) -> DeliveryResult:
+        agent = self.agent(reactor=reactor)
+        [result] = await agent.deliver(
+            self.queued(recipient, content, sender), [Address.fromStored(recipient)]
+        )
+        return result
+
+    def dotQmail(self, text: str) -> None:
+        home = userFolder(self.data, "alice", "example.com").path
+        self.writeFile(os.path.join(home, ".qmail"), text)
+
+    async def test_programExitCodes(self) -> None:
+        for code, outcome in (
+            (0, Outcome.DELIVERED),
+            (100, Outcome.PERMANENT),
+            (111, Outcome.TEMPORARY),
+            (5, Outcome.TEMPORARY),
+        ):
+            self.dotQmail(f"|echo said so; exit {code}\n")
+            result = await self.deliver("alice@example.com")
+            self.assertEqual(result.outcome, outcome, result.text)
+            if code:
+                self.assertIn("said so", result.text)
+
+    async def test_programSeesTheQmailEnvironmentAndMessage(self) -> None:
+        out = os.path.join(self.data, "out")
+        self.dotQmail(f'|{{ echo "$SENDER|$RECIPIENT|$EXT|$HOST|$LOCAL"; cat; }} > {out}\n')
+        evil = "x$(touch${IFS}pwned)@remote.test"
+        result = await self.deliver("alice@example.com", sender=evil)
+        self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+        with open(out, "rb") as f:
+            self.assertEqual(
+                f.read(), f"{evil}|alice@example.com||example.com|alice\n".encode() + MESSAGE
+            )
+        self.assertFalse(
+            os.path.exists(
+                os.path.join(userFolder(self.data, "alice", "example.com").path, "pwned")
+            )
+        )
+
+    async def test_exit99StopsTheRemainingLines(self) -> None:
+        self.dotQmail("./Maildir/\n|exit 99\n./Maildir/\n&x@remote.test\n")
+        result = await self.deliver("alice@example.com")
+        # qmail-local reads no line after the 99: neither the Maildir nor the forward.
+        self.assertEqual((result.outcome, result.text), (Outcome.DELIVERED, "did 1+0+1/"))
+        self.assertEqual(len(self.delivered("alice")), 1)
+        self.assertEqual(self.injected, [])
+
+    async def test_failedProgramStopsAndForwardsNothing(self) -> None:
+        self.dotQmail("&x@remote.test\n|exit 100\n")
+        result = await self.deliver("alice@example.com")
+        self.assertEqual(result.outcome, Outcome.PERMANENT)
+        self.assertEqual(self.injected, [])
+
+    async def test_mboxLine(self) -> None:
+        self.dotQmail("./mbox\n")
+        result = await self.deliver("alice@example.com", MESSAGE + b"From here on\n")
+        self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+        with open(
+            os.path.join(userFolder(self.data, "alice", "example.com").path, "mbox"), "rb"
+        ) as f:
+            mbox = f.read()
+        self.assertTrue(mbox.startswith(b"From bob@remote.test "))
+        self.assertIn(b"Delivered-To: alice@example.com\n", mbox)
+        self.assertIn(b"\n>From here on\n", mbox)
+
+    async def test_vacationAnswersOncePerSender(self) -> None:
+        self.store.setVacation("alice", "example.com", Vacation("Away", "Back on Monday.", 3600))
+        self.assertEqual((await self.deliver("alice@example.com")).outcome, Outcome.DELIVERED)
+        [(sender, rcpts, content)] = self.injectedMessages()
+        self.assertEqual((sender, rcpts), ("", ["bob@remote.test"]))
+        reply = email.message_from_bytes(content)
+        self.assertEqual(reply["Auto-Submitted"], "auto-replied")
+        self.assertEqual(reply["Subject"], "Away")
+        self.assertEqual(email.utils.parseaddr(reply["From"])[1], "alice@example.com")
+        await self.deliver("alice@example.com")
+        self.assertEqual(len(self.injected), 1)
+        self.assertEqual(len(self.delivered("alice")), 2)
+
+    async def test_vacationNeverAnswersListsOrBounces(self) -> None:
+        self.store.setVacation("alice", "example.com", Vacation("Away", "Back on Monday."))
+        await self.deliver("alice@example.com", b"Precedence: bulk\n" + MESSAGE)
+        await self.deliver(
+            "alice@example.com", b"List-Id: <l.example>\n" + MESSAGE, sender="carol@remote.test"
+        )
+        await self.deliver("alice@example.com", MESSAGE, sender="")
+        self.assertEqual(self.injected, [])
+        self.assertEqual(len(self.delivered("alice")), 3)

@@ -211,11 +211,13 @@ def makeMailService(
 
 def _reportStartup(config: Config) -> None:
     log.info(
-        "qmailtx: config {source}, data {data}, SMTP on {listen}, local domains {domains}",
+        "qmailtx: config {source}, data {data}, SMTP on {listen}, local domains {domains},"
+        " user database {database}",
         source=config.source,
         data=config.paths.data,
         listen=", ".join(config.smtp.listen) or "nothing",
         domains=", ".join(config.control.locals),
+        database=config.users.database,
     )
     for name in config.unusedControlFiles:
         log.warn(

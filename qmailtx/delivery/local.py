@@ -36,6 +36,7 @@ from qmailtx.delivery.dotqmail import (
     MaildirLine,
     MboxLine,
     Program,
+    ownerSender,
     qmailEnvironment,
     ufLine,
 )
@@ -305,7 +306,7 @@ class LocalDeliveryAgent:
             content = b"Delivered-To: " + plan.address.encode("ascii", "replace") + b"\n"
             content += self.fs.readAt(source, message.messageLength, message.messageOffset)
             p.injections.append(
-                Injection(self._forwardSender(message), p.forwards, content, "forward")
+                Injection(self._forwardSender(message, plan), p.forwards, content, "forward")
             )
         if plan.owner is not None and p.files:
             self._vacation(message, p, plan.owner)
@@ -320,8 +321,22 @@ class LocalDeliveryAgent:
             address = address.withDomain(plan.address.rpartition("@")[2])
         return address
 
-    def _forwardSender(self, message: QueuedMessage) -> Address:
-        return message.sender  # bounces (<>, #@[]) stay bounces
+    def _forwardSender(self, message: QueuedMessage, plan: Plan) -> Address:
+        """qmail-local's NEWSENDER: ``<local>-owner@<domain>`` when the .qmail
+        file has a ``-owner`` companion (mailing lists); bounces stay bounces.
+
+        qmail's VERP form (``-owner-default`` present too) needs per-recipient
+        sender expansion in the queue, which qmailtx does not do: such lists
+        get the plain ``-owner`` sender.
+        """
+        if plan.dotQmail is None:
+            return message.sender
+        folder, dash, ext = plan.dotQmail
+        local, _, host = plan.address.rpartition("@")
+        sender = ownerSender(folder, dash, ext, str(message.sender), local, host)
+        if sender == str(message.sender):
+            return message.sender
+        return Address(f"{local}-owner", host)
 
     def _fromLine(self, message: QueuedMessage) -> bytes:
         return ufLine(str(message.sender), self.clock()).encode("ascii", "replace")
@@ -447,6 +462,7 @@ class LocalDeliveryAgent:
                 ext=plan.ext,
                 sender=str(message.sender),
                 when=self.clock(),
+                newSender=str(self._forwardSender(message, plan)),
                 default=plan.default,
             )
             outcome = await runProgram(

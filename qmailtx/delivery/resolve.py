@@ -56,6 +56,9 @@ class Plan:
     local: str = ""  # qmail's LOCAL, EXT and DEFAULT for programs
     ext: str = ""
     default: str | None = None
+    # The .qmail file the lines came from: its folder and the dash and ext it
+    # was found with (for qmail's "-owner" forwarding sender); None otherwise.
+    dotQmail: tuple[str, str, str] | None = None
     final: DeliveryResult | None = None
 
 
@@ -108,7 +111,13 @@ def _resolveHosted(
     if found is not None and os.path.basename(found[0]) != ".qmail-default":
         path, matched = found
         return Plan(
-            address, domainDir, tuple(readDotQmail(path)), local=local, ext=local, default=matched
+            address,
+            domainDir,
+            tuple(readDotQmail(path)),
+            local=local,
+            ext=local,
+            default=matched,
+            dotQmail=(domainDir, "-", local),
         )
     # 3. valias
     alias = store.alias(local, domain)
@@ -156,11 +165,14 @@ def _userPlan(data: str, user: User, address: str, ext: str, local: str) -> Plan
         return _answer(address, permanent(NO_MAILBOX))
     instructions: tuple[Instruction, ...] = _maildirOf(folder)
     default = None
-    found = findDotQmail(folder, ext) if ext else findDotQmail(folder, "", dash="")
+    dash = "-" if ext else ""
+    found = findDotQmail(folder, ext, dash=dash)
+    dotQmail = None
     if found is not None:
         path, default = found
         instructions = tuple(readDotQmail(path, defaultDelivery="./Maildir/"))
-    return Plan(address, folder, instructions, user, folder, local, ext, default)
+        dotQmail = (folder, dash, ext)
+    return Plan(address, folder, instructions, user, folder, local, ext, default, dotQmail)
 
 
 def _catchAll(store: IUserStore, data: str, domain: str, address: str, local: str) -> Plan:

@@ -74,8 +74,15 @@ class HostedDomains(Service):
     def _loaded(self, snapshot: tuple[int, frozenset[str]] | None) -> None:
         self._refreshing = False
         if snapshot is not None:
-            self._version, self.names = snapshot
-            log.debug("hosted domains: {count}", count=len(self.names))
+            version, names = snapshot
+            if names != self.names or self._version is None:
+                log.info(
+                    "hosted domains: {count} ({added} added, {removed} removed)",
+                    count=len(names),
+                    added=len(names - self.names),
+                    removed=len(self.names - names),
+                )
+            self._version, self.names = version, names
 
     def _failed(self, failure: Failure) -> None:
         self._refreshing = False

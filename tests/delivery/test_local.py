@@ -206,6 +206,15 @@ class ResolutionTests(_Fixture, SynchronousTestCase):
         self.assertEqual(self.deliver("alice-shop-books@example.com").outcome, Outcome.DELIVERED)
         self.assertEqual(len(self.delivered("alice")), 1)
 
+    def test_ownerFileSetsTheForwardingSender(self) -> None:
+        domain = os.path.join(self.data, "domains", "example.com")
+        self.writeFile(os.path.join(domain, ".qmail-list"), "&a@remote.test\n")
+        self.writeFile(os.path.join(domain, ".qmail-list-owner"), "&boss@remote.test\n")
+        self.assertEqual(self.deliver("list@example.com").outcome, Outcome.DELIVERED)
+        self.assertEqual(self.deliver("list@example.com", sender="").outcome, Outcome.DELIVERED)
+        senders = [sender for sender, _, _ in self.injectedMessages()]
+        self.assertEqual(senders, ["list-owner@example.com", ""])
+
     def test_usersDotQmail(self) -> None:
         home = userFolder(self.data, "alice", "example.com").path
         self.writeFile(

@@ -369,7 +369,16 @@ class LocalDeliveryAgent:
             self.writer.deliver(
                 maildir, prefix, source, message.messageOffset, message.messageLength
             )
-            quota.add(size, 1)
+            try:
+                quota.add(size, 1)
+            except OSError as e:
+                # The message is in new/ already: do not deliver it twice
+                # for want of a usage line. The next recount corrects it.
+                log.warn(
+                    "maildirsize of {maildir} not updated: {error}",
+                    maildir=maildir,
+                    error=e.strerror,
+                )
         percent = self.settings.warnPercent
         after = QuotaUsage(before.bytes + size, before.count + 1)
         if owned and percent and crossedPercent(before, after, quota.limit, percent):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -43,6 +44,31 @@ class SMTPConfig:
     max_bad_commands: int = 20
     max_command_line: int = 512
     max_hops: int = 100
+    # Policies run in this order at each SMTP stage (see qmailtx.registry).
+    policies: tuple[str, ...] = (
+        "badmailfrom",
+        "nullsender",
+        "badrcptto",
+        "relay",
+        "rcptcheck",
+        "exeblock",
+    )
+    # AUTH PLAIN/LOGIN offered over unencrypted, non-loopback connections.
+    auth_before_tls: bool = False
+
+
+SUBMISSION_POLICIES = ("badrcptto", "relay", "exeblock")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One listener kind: port 25 ("smtp"), 587 ("submission") or 465 ("smtps")."""
+
+    name: str
+    listen: tuple[str, ...]
+    policies: tuple[str, ...]
+    requireAuth: bool = False  # AUTH before MAIL (submission, smtps)
+    implicitTLS: bool = False  # TLS from the first byte (smtps)
 
 
 @dataclass(frozen=True)
@@ -91,9 +117,25 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     users: UsersConfig = field(default_factory=UsersConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    submission: ListenerConfig = field(
+        default_factory=lambda: ListenerConfig("submission", (), SUBMISSION_POLICIES, True)
+    )
+    smtps: ListenerConfig = field(
+        default_factory=lambda: ListenerConfig("smtps", (), SUBMISSION_POLICIES, True, True)
+    )
+    # The zone for dates in Received: lines and generated mail ("": the system's, or $TZ).
+    timezone: str = ""
     source: str = "<built-in defaults>"
     # Files in the control directory that this version does not read.
     unusedControlFiles: tuple[str, ...] = ()
+
+    @property
+    def listeners(self) -> tuple[ListenerConfig, ...]:
+        return (
+            ListenerConfig("smtp", self.smtp.listen, self.smtp.policies),
+            self.submission,
+            self.smtps,
+        )
 
 
 class _Table:
@@ -157,6 +199,12 @@ def _networks(v: Any) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(n, strict=False) for n in _strings(v))
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(v)
+    return v
+
+
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if v not in allowed:
@@ -182,7 +230,19 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from e
-    known = {"paths", "smtp", "pop3", "tls", "queue", "users", "delivery", "control"}
+    known = {
+        "paths",
+        "smtp",
+        "submission",
+        "smtps",
+        "pop3",
+        "tls",
+        "queue",
+        "users",
+        "delivery",
+        "server",
+        "control",
+    }
     for key in document:
         if key not in known:
             raise ConfigError(f"{source}: unknown key [{key}]")
@@ -207,8 +267,36 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         max_bad_commands=smtp.integer("max_bad_commands", smtpDefaults.max_bad_commands, 1),
         max_command_line=smtp.integer("max_command_line", smtpDefaults.max_command_line, 512),
         max_hops=smtp.integer("max_hops", smtpDefaults.max_hops, 1),
+        policies=smtp.strings("policies", smtpDefaults.policies),
+        auth_before_tls=smtp.get(
+            "auth_before_tls", _bool, "true or false", smtpDefaults.auth_before_tls
+        ),
     )
     smtp.finish()
+
+    def listener(name: str, implicitTLS: bool) -> ListenerConfig:
+        t = table(name)
+        made = ListenerConfig(
+            name,
+            t.strings("listen", ()),
+            t.strings("policies", SUBMISSION_POLICIES),
+            True,
+            implicitTLS,
+        )
+        t.finish()
+        return made
+
+    submissionConfig = listener("submission", False)
+    smtpsConfig = listener("smtps", True)
+
+    server = table("server")
+    timezone = server.string("timezone", "") or ""
+    server.finish()
+    if timezone:
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+            raise ConfigError(f"{source}: [server] timezone: unknown zone {timezone!r}") from e
 
     pop3 = table("pop3")
     pop3Config = POP3Config(listen=pop3.strings("listen", ()))
@@ -282,6 +370,9 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         queue=queueConfig,
         users=usersConfig,
         delivery=deliveryConfig,
+        submission=submissionConfig,
+        smtps=smtpsConfig,
+        timezone=timezone,
         source=source,
         unusedControlFiles=others,
     )

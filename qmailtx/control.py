@@ -18,8 +18,8 @@ from typing import Any
 # Control files a qmail toaster may hold that later parts of qmailtx read, or
 # that belong to programs qmailtx replaces. Finding one is logged, not fatal.
 NOT_YET_USED = frozenset(
-    """badmailfrom badrcptto morercpthosts morercpthosts.cdb percenthack smtproutes
-    helohost localiphost timeoutconnect timeoutremote outgoingip mfcheck signatures
+    """morercpthosts.cdb percenthack smtproutes
+    helohost localiphost timeoutconnect timeoutremote outgoingip
     defaultdomain defaulthost idhost plusdomain qmqpservers defaultdelivery
     servercert.pem clientcert.pem clientca.pem clientcrl.pem tlsclients tlsserverciphers
     tlsclientciphers tlshosts notlshosts dh512.pem dh1024.pem dh2048.pem rsa512.pem
@@ -54,6 +54,11 @@ class Control:
     bouncemessage: str
     doublebouncesubject: str
     doublebouncemessage: str
+    badmailfrom: tuple[str, ...] = ()
+    badrcptto: tuple[str, ...] = ()
+    morercpthosts: tuple[str, ...] = ()
+    signatures: tuple[str, ...] = ()
+    mfcheck: int = 0
 
 
 # name -> kind. "line": first line of the file / a TOML string; "int": a
@@ -79,6 +84,11 @@ KINDS: dict[str, str] = {
     "bouncemessage": "text",
     "doublebouncesubject": "line",
     "doublebouncemessage": "text",
+    "badmailfrom": "lines",
+    "badrcptto": "lines",
+    "morercpthosts": "lines",
+    "signatures": "lines",
+    "mfcheck": "int",
 }
 assert set(KINDS) == {f.name for f in fields(Control)}
 
@@ -202,6 +212,7 @@ def buildControl(
         me=me,
         locals=localDomains,
         rcpthosts=tuple(d.lower() for d in given.get("rcpthosts", ())),
+        morercpthosts=tuple(d.lower() for d in given.get("morercpthosts", ())),
         virtualdomains=virtualdomains,
         envnoathost=line("envnoathost", me),
         smtpgreeting=line("smtpgreeting", me),
@@ -218,4 +229,8 @@ def buildControl(
         bouncemessage=line("bouncemessage", DEFAULT_BOUNCE_MESSAGE),
         doublebouncesubject=line("doublebouncesubject", "failure notice"),
         doublebouncemessage=line("doublebouncemessage", DEFAULT_DOUBLEBOUNCE_MESSAGE),
+        badmailfrom=tuple(given.get("badmailfrom", ())),
+        badrcptto=tuple(given.get("badrcptto", ())),
+        signatures=tuple(given.get("signatures", ())),
+        mfcheck=number("mfcheck", 0),
     )

@@ -24,7 +24,7 @@ class DomainTable:
         for entry in control.virtualdomains:
             domain, _, prepend = entry.partition(":")
             virtual.setdefault(domain.strip(), prepend.strip())
-        rcpthosts = set(control.rcpthosts)
+        rcpthosts = set(control.rcpthosts) | set(control.morercpthosts)
         if not rcpthosts:
             rcpthosts.update(control.locals)
             rcpthosts.update(d for d, p in virtual.items() if d and p)

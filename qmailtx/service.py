@@ -21,26 +21,23 @@ from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReac
 from twisted.logger import Logger
 
 from qmailtx.address import Address
-from qmailtx.config import Config, ConfigError
+from qmailtx.config import Config, ConfigError, ListenerConfig
 from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import makeMaildir
 from qmailtx.delivery.unavailable import NoRemoteDelivery
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
-from qmailtx.policy.interfaces import IRecipientCheck
 from qmailtx.queue.bounce import BounceSettings
 from qmailtx.queue.disk import QueueDisk
 from qmailtx.queue.manager import QueueManager, QueueSettings
 from qmailtx.queue.store import QueueStore
-from qmailtx.registry import Registry, makeRegistry, resolve
+from qmailtx.registry import PolicyContext, Registry, RegistryError, makeRegistry, policyChain
 from qmailtx.smtp.factory import SMTPServerFactory, SMTPSettings
 from qmailtx.vdomain.hosted import HostedDomains
 from qmailtx.vdomain.sqlite import SQLiteUserStore
 from qmailtx.workers import WorkerPool
 
 log = Logger()
-
-RECIPIENT_POLICIES = ("relay",)
 
 
 class OrderedMultiService(MultiService):
@@ -149,7 +146,6 @@ def makeMailService(
     hosted = HostedDomains(users, runner, reactor)
     hosted.setName("domains")
     hosted.setServiceParent(top)
-    registry = registry or makeRegistry(config, hosted)
 
     store = QueueStore(QueueDisk(os.path.join(config.paths.data, "queue")), runner)
     domains = DomainTable.fromControl(control)
@@ -187,26 +183,57 @@ def makeMailService(
     manager.setName("queue")
     manager.setServiceParent(top)
 
-    smtp = MultiService()
-    smtp.setName("smtp")
-    factory = SMTPServerFactory(
-        reactor,
-        SMTPSettings.fromConfig(config),
-        store,
-        recipientChecks=resolve(registry, IRecipientCheck, RECIPIENT_POLICIES),
+    registry = registry or makeRegistry(
+        config, PolicyContext(config, reactor, runner, users, hosted)
     )
-    for description in config.smtp.listen:
-        try:
-            endpoint = serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(
-                f"{config.source}: [smtp] listen: bad endpoint {description!r}: {e}"
-            ) from e
-        StreamServerEndpointService(endpoint, factory).setServiceParent(smtp)
-    smtp.setServiceParent(top)
+    for listener in config.listeners:
+        if listener.listen:
+            _listen(reactor, config, listener, registry, store).setServiceParent(top)
 
     _reportStartup(config)
     return top
+
+
+def _listen(
+    reactor: Any,
+    config: Config,
+    listener: ListenerConfig,
+    registry: Registry,
+    store: QueueStore,
+) -> MultiService:
+    """One listener kind (smtp, submission, smtps): its policies and endpoints."""
+    where = f"{config.source}: [{listener.name}]"
+    if "relay" not in listener.policies:
+        raise ConfigError(
+            f"{where} policies must include \"relay\" (without it anyone could relay)"
+        )
+    try:
+        chain = policyChain(registry, listener.policies)
+    except RegistryError as e:
+        raise ConfigError(f"{where} policies: {e}") from e
+    factory = SMTPServerFactory(
+        reactor,
+        SMTPSettings.fromConfig(config, listener),
+        store,
+        chain.senderChecks,
+        chain.recipientChecks,
+        chain.data,
+    )
+    service = MultiService()
+    service.setName(listener.name)
+    for description in listener.listen:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{where} listen: bad endpoint {description!r}: {e}") from e
+        StreamServerEndpointService(endpoint, factory).setServiceParent(service)
+    log.info(
+        "{listener} on {listen}: {policies}",
+        listener=listener.name,
+        listen=", ".join(listener.listen),
+        policies=chain.describe(),
+    )
+    return service
 
 
 def _reportStartup(config: Config) -> None:

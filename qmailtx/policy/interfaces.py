@@ -28,6 +28,10 @@ class ISMTPSession(Interface):
     relayAllowed = Attribute("bool: this client may relay (relay_clients, AUTH, ...)")
     sender = Attribute("Address | None: the MAIL FROM address of the open transaction")
     recipients = Attribute("list[Address]: recipients accepted so far in the transaction")
+    notes = Attribute(
+        "dict[str, object]: per-connection state for policies (e.g. a count of bad"
+        " recipients), keyed by policy name; kept across transactions"
+    )
 
 
 class ISenderCheck(Interface):
@@ -40,3 +44,34 @@ class ISenderCheck(Interface):
 class IRecipientCheck(Interface):
     def checkRecipient(session: ISMTPSession, recipient: Address) -> Verdict | Deferred[Verdict]:
         """Judge RCPT TO. Answers a Verdict or a Deferred of one."""
+
+
+class IDataCheck(Interface):
+    """Judges one message's content as it arrives (a fresh one per message).
+
+    Registered as a named adapter from ISMTPSession; the server makes one at
+    DATA and feeds it the message (after dot-unstuffing, LF line ends, without
+    our Received line) chunk by chunk, then asks for the verdict. It must keep
+    its memory bounded whatever the message size.
+    """
+
+    def dataReceived(chunk: bytes) -> None:
+        """More of the message; cheap and incremental."""
+
+    def endOfData() -> Verdict | Deferred[Verdict]:
+        """The whole message has been seen: CONTINUE to queue it, or refuse it."""
+
+
+class IPolicyPlugin(Interface):
+    """A third-party policy, found with twisted.plugin and enabled by name.
+
+    Ship a module in a ``twisted/plugins/`` folder holding an object that
+    provides both ``twisted.plugin.IPlugin`` and this interface.
+    """
+
+    name = Attribute("str: the name that enables it in a listener's policies list")
+
+    def register(registry: object, context: object) -> None:
+        """Register the policy's components in ``registry`` (a qmailtx Registry)
+        under ``name``: ISenderCheck / IRecipientCheck utilities, IDataCheck
+        adapters. ``context`` is a qmailtx.registry.PolicyContext."""

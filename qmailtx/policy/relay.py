@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -51,3 +52,8 @@ class RelayControl:
             session=session.sessionId,
         )
         return reject(553, "5.7.1", "sorry, that domain isn't in my list of allowed rcpthosts")
+
+
+def register(registry: Any, context: Any) -> None:
+    domains = DomainTable.fromControl(context.config.control)
+    registry.registerUtility(RelayControl(domains, context.hosted), IRecipientCheck, name="relay")

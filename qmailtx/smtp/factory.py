@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 
-from qmailtx.config import Config, IPNetwork
-from qmailtx.policy.interfaces import IRecipientCheck, ISenderCheck, ISMTPSession
+from qmailtx.config import Config, IPNetwork, ListenerConfig
+from qmailtx.policy.interfaces import IDataCheck, IRecipientCheck, ISenderCheck, ISMTPSession
 from qmailtx.queue.store import QueueStore
 from qmailtx.smtp.server import ESMTPServer
 
@@ -28,10 +28,15 @@ class SMTPSettings:
     maxHops: int = 100
     relayClients: tuple[IPNetwork, ...] = ()
     listener: str = "smtp"
+    requireAuth: bool = False
+    implicitTLS: bool = False
+    authBeforeTLS: bool = False
+    timezone: str = ""
 
     @classmethod
-    def fromConfig(cls, config: Config, listener: str = "smtp") -> SMTPSettings:
+    def fromConfig(cls, config: Config, listener: ListenerConfig | None = None) -> SMTPSettings:
         control = config.control
+        listener = listener or config.listeners[0]
         return cls(
             me=control.me,
             greeting=control.smtpgreeting,
@@ -43,7 +48,11 @@ class SMTPSettings:
             maxCommandLine=config.smtp.max_command_line,
             maxHops=config.smtp.max_hops,
             relayClients=config.smtp.relay_clients,
-            listener=listener,
+            listener=listener.name,
+            requireAuth=listener.requireAuth,
+            implicitTLS=listener.implicitTLS,
+            authBeforeTLS=config.smtp.auth_before_tls,
+            timezone=config.timezone,
         )
 
     def isRelayClient(self, host: str) -> bool:
@@ -66,12 +75,14 @@ class SMTPServerFactory(Factory):
         store: QueueStore,
         senderChecks: Sequence[ISenderCheck] = (),
         recipientChecks: Sequence[IRecipientCheck] = (),
+        dataChecks: Sequence[tuple[str, Callable[[ISMTPSession], IDataCheck]]] = (),
     ) -> None:
         self.clock = clock
         self.settings = settings
         self.store = store
         self.senderChecks = tuple(senderChecks)
         self.recipientChecks = tuple(recipientChecks)
+        self.dataChecks = tuple(dataChecks)
 
     def buildProtocol(self, addr: IAddress | None) -> ESMTPServer:
         protocol = ESMTPServer(self)

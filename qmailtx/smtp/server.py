@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from qmailtx.address import Address
 from qmailtx.policy.chain import runChecks
+from qmailtx.policy.interfaces import IDataCheck
 from qmailtx.policy.verdict import Verdict, VerdictKind
 from qmailtx.queue.disk import isDiskFull
 from qmailtx.queue.store import Spool
@@ -84,6 +85,7 @@ class ESMTPServer(Protocol):
         self._badCommands = 0
         self._data: DataParser | None = None
         self._spool: Spool | None = None
+        self._checks: list[IDataCheck] = []
         self._timer: IDelayedCall | None = None
 
     # -- connection ---------------------------------------------------------
@@ -130,6 +132,7 @@ class ESMTPServer(Protocol):
             self._spool.abort()
         self._spool = None
         self._data = None
+        self._checks = []
 
     # -- timeouts ------------------------------------------------------------
 
@@ -395,6 +398,7 @@ class ESMTPServer(Protocol):
             receivedLine(session.helo, session.peerHost, self.settings.me, protocol, now)
         )
         self._data = DataParser(self.settings.databytes)
+        self._checks = [makeCheck(session) for _, makeCheck in self.factory.dataChecks]
         self._mode = _DATA
         return R_GO_AHEAD
 
@@ -445,6 +449,8 @@ class ESMTPServer(Protocol):
             return
         if result.output:
             self._spool.write(result.output)
+            for check in self._checks:
+                check.dataReceived(result.output)
         if result.done:
             self._buffer = result.rest + self._buffer
             self._mode = _COMMAND
@@ -473,7 +479,32 @@ class ESMTPServer(Protocol):
                 hops=parser.hops,
             )
             return R_HOPS
+        checks, self._checks = self._checks, []
+        sender, recipients = session.sender, list(session.recipients)
         session.resetTransaction()
+        verdict = runChecks(checks, lambda c: c.endOfData())
+
+        def judged(verdict: Verdict) -> SMTPReply | Deferred[SMTPReply]:
+            if verdict.kind in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
+                return self._commit(spool)
+            spool.abort()
+            log.info(
+                "message from {sender} to {rcpt} refused at end of data: {code} {text}",
+                sender=str(sender),
+                rcpt=",".join(str(r) for r in recipients),
+                peer=session.peerHost,
+                session=session.sessionId,
+                code=verdict.reply.code if verdict.reply else 0,
+                text=verdict.reply.text if verdict.reply else "",
+            )
+            return self._verdictReply(verdict, lambda: R_OK)
+
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(judged)
+        return judged(verdict)
+
+    def _commit(self, spool: Spool) -> Deferred[SMTPReply]:
+        session = self.session
         now = int(self.factory.clock.seconds())
 
         def queued(message: Any) -> SMTPReply:

@@ -33,6 +33,7 @@ class SMTPSession:
     sender: Address | None = None
     recipients: list[Address] = field(default_factory=list)
     bodyType: str | None = None
+    notes: dict[str, object] = field(default_factory=dict)
 
     @property
     def relayAllowed(self) -> bool:

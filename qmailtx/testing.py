@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from qmailtx.config import Config, parseConfig
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
-from qmailtx.policy.interfaces import IRecipientCheck, ISenderCheck
+from qmailtx.policy.interfaces import IDataCheck, IRecipientCheck, ISenderCheck, ISMTPSession
 from qmailtx.policy.relay import RelayControl
 from qmailtx.queue.disk import QueueDisk
 from qmailtx.queue.layout import QueuedMessage
@@ -153,6 +153,7 @@ class SMTPServerHarness:
         senderChecks: Sequence[ISenderCheck] = (),
         fs: FileSystem | None = None,
         events: list[tuple[str, str]] | None = None,
+        dataChecks: Sequence[tuple[str, Callable[[ISMTPSession], IDataCheck]]] = (),
     ) -> None:
         self.clock = MemoryReactorClock()
         self.events: list[tuple[str, str]] = events if events is not None else []
@@ -173,7 +174,7 @@ class SMTPServerHarness:
             table = DomainTable(frozenset(domains), frozenset(domains), {})
             recipientChecks = [RelayControl(table)]
         self.factory = SMTPServerFactory(
-            self.clock, self.settings, self.store, senderChecks, recipientChecks
+            self.clock, self.settings, self.store, senderChecks, recipientChecks, dataChecks
         )
         self.transport = RecordingTransport(self.events, IPv4Address("TCP", peerHost, 40000))
         self.protocol: ESMTPServer = self.factory.buildProtocol(None)

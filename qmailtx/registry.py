@@ -155,7 +155,7 @@ def policyChain(registry: Components, names: Sequence[str]) -> PolicyChain:
     for name in names:
         found = False
         for interface, stage in ((ISenderCheck, sender), (IRecipientCheck, recipient)):
-            component = registry.queryUtility(interface, name=name)  # type: ignore[arg-type]
+            component = registry.queryUtility(interface, name=name)
             if component is not None:
                 stage.append((name, component))
                 found = True

@@ -55,6 +55,17 @@ class SMTPConfig:
     )
     # AUTH PLAIN/LOGIN offered over unencrypted, non-loopback connections.
     auth_before_tls: bool = False
+    # Unknown recipients (rcptcheck) one connection may try before every
+    # further RCPT is refused (chkuser's limit; 0: no limit).
+    max_bad_recipients: int = 10
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    # Name servers as "host" or "host:port" ("": the ones in /etc/resolv.conf).
+    servers: tuple[str, ...] = ()
+    # Seconds one lookup may take before it is a temporary failure.
+    timeout: int = 5
 
 
 SUBMISSION_POLICIES = ("badrcptto", "relay", "exeblock")
@@ -87,6 +98,9 @@ class QueueConfig:
     threads: int = 16
     # Bytes of the original body a bounce carries after its header (0: header only).
     bounce_body_bytes: int = 0
+    # QMAILQUEUE: the argv of a qmail-queue-compatible filter every message
+    # passes through (empty: none; see qmailtx.queue.filter).
+    qmailqueue: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,7 @@ class Config:
     smtps: ListenerConfig = field(
         default_factory=lambda: ListenerConfig("smtps", (), SUBMISSION_POLICIES, True, True)
     )
+    dns: DNSConfig = field(default_factory=DNSConfig)
     # The zone for dates in Received: lines and generated mail ("": the system's, or $TZ).
     timezone: str = ""
     source: str = "<built-in defaults>"
@@ -199,6 +214,27 @@ def _networks(v: Any) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(n, strict=False) for n in _strings(v))
 
 
+def _servers(v: Any) -> tuple[str, ...]:
+    servers = _strings(v)
+    for server in servers:
+        host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+        if not host or (port and not port.isdigit()):
+            raise ValueError(server)
+    return servers
+
+
+def dnsServers(config: DNSConfig) -> list[tuple[str, int]]:
+    """The configured name servers as (host, port) pairs."""
+    found = []
+    for server in config.servers:
+        if server.count(":") == 1:
+            host, port = server.split(":")
+            found.append((host, int(port)))
+        else:
+            found.append((server.strip("[]"), 53))
+    return found
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise TypeError(v)
@@ -224,6 +260,16 @@ def _resolve(base: str, path: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
+def _program(argv: tuple[str, ...], base: str, source: str) -> tuple[str, ...]:
+    """An argv whose program is an executable file (relative: to ``base``; no $PATH search)."""
+    if not argv:
+        return argv
+    program = _resolve(base, argv[0])
+    if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+        raise ConfigError(f"{source}: [queue] qmailqueue: {program} is not an executable file")
+    return (program, *argv[1:])
+
+
 def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config:
     """Parse TOML text; relative paths are taken from ``baseDirectory``."""
     try:
@@ -241,6 +287,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         "users",
         "delivery",
         "server",
+        "dns",
         "control",
     }
     for key in document:
@@ -271,8 +318,16 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         auth_before_tls=smtp.get(
             "auth_before_tls", _bool, "true or false", smtpDefaults.auth_before_tls
         ),
+        max_bad_recipients=smtp.integer("max_bad_recipients", smtpDefaults.max_bad_recipients),
     )
     smtp.finish()
+
+    dns = table("dns")
+    dnsConfig = DNSConfig(
+        servers=dns.get("servers", _servers, 'a list of "host" or "host:port"', ()),
+        timeout=dns.integer("timeout", DNSConfig.timeout, 1),
+    )
+    dns.finish()
 
     def listener(name: str, implicitTLS: bool) -> ListenerConfig:
         t = table(name)
@@ -318,6 +373,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
     queueConfig = QueueConfig(
         threads=queue.integer("threads", QueueConfig.threads, 1),
         bounce_body_bytes=queue.integer("bounce_body_bytes", QueueConfig.bounce_body_bytes),
+        qmailqueue=_program(queue.strings("qmailqueue", ()), baseDirectory, source),
     )
     queue.finish()
 
@@ -373,6 +429,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         submission=submissionConfig,
         smtps=smtpsConfig,
         timezone=timezone,
+        dns=dnsConfig,
         source=source,
         unusedControlFiles=others,
     )

@@ -2,7 +2,8 @@
 
 Children, by name, in start order: ``workers`` (the thread pool for disk
 work), ``domains`` (the user database's hosted domains, kept fresh),
-``queue`` (the queue manager), ``smtp`` (one listening service per
+``queue`` (the queue manager), ``trigger`` (wake-ups from
+qmailtx-queue), ``smtp`` (one listening service per
 ``[smtp] listen`` endpoint). Stopping runs in reverse: listeners close,
 running deliveries finish, then the pool stops.
 """
@@ -15,13 +16,20 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IProtocolFactory,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from qmailtx.address import Address
-from qmailtx.config import Config, ConfigError, ListenerConfig
+from qmailtx.config import Config, ConfigError, ListenerConfig, dnsServers
 from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import makeMaildir
 from qmailtx.delivery.unavailable import NoRemoteDelivery
@@ -29,11 +37,18 @@ from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
 from qmailtx.queue.bounce import BounceSettings
 from qmailtx.queue.disk import QueueDisk
+from qmailtx.queue.filter import makeQueueFilter
 from qmailtx.queue.manager import QueueManager, QueueSettings
 from qmailtx.queue.store import QueueStore
+from qmailtx.queue.trigger import triggerPath
+from qmailtx.queue.triggerservice import QueueTriggerService
 from qmailtx.registry import PolicyContext, Registry, RegistryError, makeRegistry, policyChain
 from qmailtx.smtp.factory import SMTPServerFactory, SMTPSettings
+from qmailtx.smtp.throttle import AuthThrottle
+from qmailtx.smtp.tls import ServerTLS, TLSService
+from qmailtx.vdomain.checkers import makePortal
 from qmailtx.vdomain.hosted import HostedDomains
+from qmailtx.vdomain.realm import MailRealm
 from qmailtx.vdomain.sqlite import SQLiteUserStore
 from qmailtx.workers import WorkerPool
 
@@ -147,7 +162,8 @@ def makeMailService(
     hosted.setName("domains")
     hosted.setServiceParent(top)
 
-    store = QueueStore(QueueDisk(os.path.join(config.paths.data, "queue")), runner)
+    queueRoot = os.path.join(config.paths.data, "queue")
+    store = QueueStore(QueueDisk(queueRoot), runner, makeQueueFilter(reactor, config))
     domains = DomainTable.fromControl(control)
 
     def classify(recipient: Address) -> str:
@@ -182,16 +198,50 @@ def makeMailService(
     )
     manager.setName("queue")
     manager.setServiceParent(top)
+    # qmailtx-queue (a QMAILQUEUE filter's, or a local program's) wakes the manager.
+    trigger = QueueTriggerService(reactor, triggerPath(queueRoot), store.arrived)
+    trigger.setName("trigger")
+    trigger.setServiceParent(top)
 
+    extra = {
+        "max_bad_recipients": config.smtp.max_bad_recipients,
+        "dns_servers": dnsServers(config.dns) or None,
+        # retries with growing waits, as twisted.names takes them: 1 s, then the rest
+        "dns_timeout": (1, max(config.dns.timeout - 1, 1)),
+    }
     registry = registry or makeRegistry(
-        config, PolicyContext(config, reactor, runner, users, hosted)
+        config, PolicyContext(config, reactor, runner, users, hosted, extra)
     )
+    tls = _makeTLS(config, runner)
+    if tls is not None:
+        tls.setServiceParent(top)  # before the listeners: it loads the files
+    portal = makePortal(users, runner, "smtp", MailRealm(users, config.paths.data))
+    throttle = AuthThrottle(reactor)
     for listener in config.listeners:
         if listener.listen:
-            _listen(reactor, config, listener, registry, store).setServiceParent(top)
+            _listen(
+                reactor,
+                config,
+                listener,
+                registry,
+                store,
+                portal,
+                tls.tls if tls is not None else None,
+                throttle,
+            ).setServiceParent(top)
 
     _reportStartup(config)
     return top
+
+
+def _makeTLS(config: Config, runner: Any) -> TLSService | None:
+    """The "tls" service for ``[tls]`` (None without a certificate)."""
+    certificate, key = config.tls.certificate, config.tls.key
+    if certificate is None:
+        if key is not None:
+            raise ConfigError(f"{config.source}: [tls] key is set but certificate is not")
+        return None
+    return TLSService(ServerTLS(certificate, key), runner)
 
 
 def _listen(
@@ -200,13 +250,23 @@ def _listen(
     listener: ListenerConfig,
     registry: Registry,
     store: QueueStore,
+    portal: Portal | None = None,
+    tls: ServerTLS | None = None,
+    throttle: AuthThrottle | None = None,
 ) -> MultiService:
-    """One listener kind (smtp, submission, smtps): its policies and endpoints."""
+    """One listener kind (smtp, submission, smtps): its policies and endpoints.
+
+    With ``tls`` the smtp and submission listeners offer STARTTLS, and smtps
+    speaks TLS from the first byte (it cannot run without it). ``portal``
+    enables AUTH; ``throttle`` is shared by all listeners.
+    """
     where = f"{config.source}: [{listener.name}]"
-    if "relay" not in listener.policies:
+    if listener.implicitTLS and tls is None:
         raise ConfigError(
-            f"{where} policies must include \"relay\" (without it anyone could relay)"
+            f"{where} listen is set, but implicit TLS needs [tls] certificate and key"
         )
+    if "relay" not in listener.policies:
+        raise ConfigError(f'{where} policies must include "relay" (without it anyone could relay)')
     try:
         chain = policyChain(registry, listener.policies)
     except RegistryError as e:
@@ -218,7 +278,14 @@ def _listen(
         chain.senderChecks,
         chain.recipientChecks,
         chain.data,
+        portal=portal,
+        tls=tls,
+        throttle=throttle,
     )
+    serving: IProtocolFactory = factory
+    if listener.implicitTLS:
+        assert tls is not None
+        serving = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
     service = MultiService()
     service.setName(listener.name)
     for description in listener.listen:
@@ -226,12 +293,14 @@ def _listen(
             endpoint = serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"{where} listen: bad endpoint {description!r}: {e}") from e
-        StreamServerEndpointService(endpoint, factory).setServiceParent(service)
+        StreamServerEndpointService(endpoint, serving).setServiceParent(service)
     log.info(
-        "{listener} on {listen}: {policies}",
+        "{listener} on {listen}: {policies}; {tls}; AUTH {auth}",
         listener=listener.name,
         listen=", ".join(listener.listen),
         policies=chain.describe(),
+        tls="implicit TLS" if listener.implicitTLS else "STARTTLS" if tls else "no TLS",
+        auth=" ".join(factory.auth.mechanisms) if factory.auth else "off",
     )
     return service
 
@@ -254,5 +323,3 @@ def _reportStartup(config: Config) -> None:
         )
     if config.pop3.listen:
         log.warn("[pop3] listen is set, but this version of qmailtx has no POP3 server yet")
-    if config.tls.certificate or config.tls.key:
-        log.warn("[tls] is set, but this version of qmailtx does not offer STARTTLS yet")

@@ -13,6 +13,7 @@ from twisted.python import usage
 from qmailtx.config import Config, ConfigError, defaultConfig, loadConfig
 from qmailtx.queue.manager import QueueManager
 from qmailtx.service import makeMailService, prepareDataDirectory
+from qmailtx.smtp.tls import TLSService
 
 
 class Options(usage.Options):
@@ -63,7 +64,29 @@ def makeService(options: Options) -> IService:
     signal.signal(
         signal.SIGALRM, flushOnSignal(cast(IReactorFromThreads, reactor), manager.retryNow)
     )
+    installReloadHandler(cast(IReactorFromThreads, reactor), service)
     return service
+
+
+def installReloadHandler(reactor: IReactorFromThreads, service: Any) -> bool:
+    """``kill -HUP <pid>`` re-reads the TLS certificate and key, when ``service``
+    (from makeMailService) has TLS. True when the handler was installed."""
+    try:
+        tls = service.getServiceNamed("tls")
+    except KeyError:
+        return False
+    signal.signal(signal.SIGHUP, reloadOnSignal(reactor, cast(TLSService, tls)))
+    return True
+
+
+def reloadOnSignal(reactor: IReactorFromThreads, tls: TLSService) -> Any:
+    """A signal handler: reload the TLS files from the reactor thread (the
+    service logs the outcome; a failed reload keeps the old certificate)."""
+
+    def handler(signum: int, frame: object) -> None:
+        reactor.callFromThread(tls.reload)
+
+    return handler
 
 
 def flushOnSignal(reactor: IReactorFromThreads, retryNow: Callable[[], None]) -> Any:

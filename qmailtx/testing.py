@@ -4,15 +4,27 @@
 - ``RecordingFileSystem``: a FileSystem that logs every durable operation
   (and can be told to fail one), to prove write/fsync/link ordering.
 - ``SMTPServerHarness``: an ESMTP server on a StringTransport with a
-  MemoryReactorClock and a real on-disk queue run inline (no threads).
+  MemoryReactorClock and a real on-disk queue run inline (no threads),
+  optionally with an AUTH portal and a TLS context (the transport records
+  ``startTLS`` calls instead of encrypting).
+- ``makeTestCertificate(folder, host)``: a self-signed certificate and key.
+- ``makeTestUsers(path, {address: password})`` and ``makeTestPortal(store)``:
+  a user database with cheap password hashes, and the portal SMTP AUTH uses.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -23,9 +35,16 @@ from qmailtx.policy.interfaces import IDataCheck, IRecipientCheck, ISenderCheck,
 from qmailtx.policy.relay import RelayControl
 from qmailtx.queue.disk import QueueDisk
 from qmailtx.queue.layout import QueuedMessage
-from qmailtx.queue.store import QueueStore, synchronousRunner
+from qmailtx.queue.store import QueueStore, Runner, synchronousRunner
 from qmailtx.smtp.factory import SMTPServerFactory, SMTPSettings
 from qmailtx.smtp.server import ESMTPServer
+from qmailtx.smtp.throttle import AuthThrottle
+from qmailtx.smtp.tls import ServerTLS
+from qmailtx.vdomain.checkers import makePortal
+from qmailtx.vdomain.passwords import PasswordHasher
+from qmailtx.vdomain.realm import MailRealm
+from qmailtx.vdomain.records import Domain, User
+from qmailtx.vdomain.sqlite import SQLiteUserStore
 
 
 def makeTestConfig(folder: str, toml: str = "", me: str = "mx.test") -> Config:
@@ -129,15 +148,27 @@ class RecordingFileSystem(FileSystem):
 
 
 class RecordingTransport(StringTransport):
-    """A StringTransport that also logs ("reply", text) into a shared event list."""
+    """A StringTransport that also logs ("reply", text) into a shared event list.
+
+    ``startTLS`` is recorded (in ``tlsStarted`` and as a ("starttls", "")
+    event) and sets ``TLS``; nothing is encrypted.
+    """
+
+    TLS = False
 
     def __init__(self, events: list[tuple[str, str]], peer: IPv4Address) -> None:
         super().__init__(peerAddress=peer)
         self.events = events
+        self.tlsStarted: list[object] = []
 
     def write(self, data: bytes) -> None:
         super().write(data)
         self.events.append(("reply", data.decode("utf-8", "replace").strip()))
+
+    def startTLS(self, contextFactory: object, normal: bool = True) -> None:
+        self.tlsStarted.append(contextFactory)
+        self.TLS = True
+        self.events.append(("starttls", ""))
 
 
 class SMTPServerHarness:
@@ -154,8 +185,12 @@ class SMTPServerHarness:
         fs: FileSystem | None = None,
         events: list[tuple[str, str]] | None = None,
         dataChecks: Sequence[tuple[str, Callable[[ISMTPSession], IDataCheck]]] = (),
+        portal: Portal | None = None,
+        tls: ServerTLS | None = None,
+        throttle: AuthThrottle | None = None,
+        clock: MemoryReactorClock | None = None,
     ) -> None:
-        self.clock = MemoryReactorClock()
+        self.clock = clock if clock is not None else MemoryReactorClock()
         self.events: list[tuple[str, str]] = events if events is not None else []
         self.disk = QueueDisk(os.path.join(folder, "queue"), fs)
         self.disk.create()
@@ -174,11 +209,26 @@ class SMTPServerHarness:
             table = DomainTable(frozenset(domains), frozenset(domains), {})
             recipientChecks = [RelayControl(table)]
         self.factory = SMTPServerFactory(
-            self.clock, self.settings, self.store, senderChecks, recipientChecks, dataChecks
+            self.clock,
+            self.settings,
+            self.store,
+            senderChecks,
+            recipientChecks,
+            dataChecks,
+            portal=portal,
+            tls=tls,
+            throttle=throttle,
         )
         self.transport = RecordingTransport(self.events, IPv4Address("TCP", peerHost, 40000))
         self.protocol: ESMTPServer = self.factory.buildProtocol(None)
         self.protocol.makeConnection(self.transport)
+
+    def connect(self, peerHost: str = "192.0.2.1") -> tuple[ESMTPServer, RecordingTransport]:
+        """One more connection to the same factory (same clock, queue, throttle)."""
+        transport = RecordingTransport([], IPv4Address("TCP", peerHost, 40001))
+        protocol = self.factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        return protocol, transport
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -212,3 +262,85 @@ class SMTPServerHarness:
 
     def messageBytes(self, message: QueuedMessage) -> bytes:
         return bytes(self.disk.readMessage(message, message.messageLength))
+
+
+def makeTestCertificate(
+    folder: str, host: str = "mx.test", serial: int | None = None, days: int = 30
+) -> tuple[str, str]:
+    """A self-signed certificate for ``host`` and 127.0.0.1 (ECDSA P-256, fast
+    to make) in ``folder``: returns the paths of ``cert.pem`` and ``key.pem``."""
+    os.makedirs(folder, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial if serial is not None else x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certPath = os.path.join(folder, "cert.pem")
+    keyPath = os.path.join(folder, "key.pem")
+    with open(certPath, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(keyPath, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    os.chmod(keyPath, 0o600)
+    return certPath, keyPath
+
+
+def makeTestUsers(
+    path: str, users: Mapping[str, str], clearPasswords: bool = True
+) -> SQLiteUserStore:
+    """A user database at ``path`` holding ``users`` (address -> password),
+    their domains created as needed; cheap hashes, and with
+    ``clearPasswords`` the clear secrets CRAM-MD5 needs."""
+    store = SQLiteUserStore(path)
+    hasher = PasswordHasher.cheap()
+    for address, password in users.items():
+        name, _, domain = address.lower().rpartition("@")
+        if store.domain(domain) is None:
+            store.addDomain(Domain(domain, clearPasswords=clearPasswords))
+        store.addUser(
+            User(
+                name,
+                domain,
+                hasher.hashPassword(password),
+                clearSecret=password if clearPasswords else None,
+            )
+        )
+    return store
+
+
+def makeTestPortal(
+    store: SQLiteUserStore,
+    runner: Runner = synchronousRunner,
+    data: str = "/nonexistent",
+    hashedSecrets: bool = True,
+) -> Portal:
+    """The portal ``makeMailService`` gives SMTP AUTH, over ``store`` with a cheap hasher."""
+    return makePortal(
+        store,
+        runner,
+        "smtp",
+        MailRealm(store, data),
+        hasher=PasswordHasher.cheap(),
+        hashedSecrets=hashedSecrets,
+    )

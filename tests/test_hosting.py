@@ -112,8 +112,12 @@ class HostingTests(TestCase):
 
     async def test_deletedDomainIsRefusedAgain(self) -> None:
         await self.qmailctl("domain", "add", "example.com")
+        await self.qmailctl("user", "add", "x@example.com")
         code, _ = await deferToThread(self.attempt, "bob@remote.test", "x@example.com")
         self.assertEqual(code, 250)
+        # rcptcheck: an unknown user of a hosted domain is refused at RCPT.
+        code, _ = await deferToThread(self.attempt, "bob@remote.test", "y@example.com")
+        self.assertEqual(code, 550)
         self.assertEqual((await self.qmailctl("domain", "del", "example.com"))[0], 0)
         hosted = self.server.mail.getServiceNamed("domains")
         # The cache notices within its interval (1 s).

@@ -63,6 +63,7 @@ from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
 from qmailtx.queue.bounce import rfc5322Date
 from qmailtx.queue.disk import newMessageId
+from qmailtx.queue.filter import QueueRefused
 from qmailtx.queue.layout import QueuedMessage
 from qmailtx.queue.store import QueueStore, Runner
 from qmailtx.vdomain.interfaces import DatabaseUnavailable, IUserStore
@@ -517,6 +518,14 @@ class LocalDeliveryAgent:
                     injection.content,
                     {"f": message.msgid},
                 )
+            except QueueRefused as e:
+                if injection.what == "forward":
+                    text = f"The queue refused the forwarded message: {e.reply.text}."
+                    if e.permanent:
+                        return permanent(f"{text} (#{e.reply.enhanced or '5.3.0'})")
+                    return temporary(f"{text} (#{e.reply.enhanced or '4.3.0'})")
+                log.warn("auto-reply for {msgid} refused: {error}", msgid=message.msgid, error=e)
+                continue
             except OSError as e:
                 if injection.what == "forward":
                     return temporary(f"Unable to forward message: {e.strerror}. (#4.3.0)")

@@ -11,8 +11,11 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 import threading
 import time
+from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from qmailtx.address import Address
@@ -32,6 +35,8 @@ from qmailtx.queue.layout import (
 
 _counter = itertools.count()
 _counterLock = threading.Lock()
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_MESSAGE_ID = re.compile(r"[0-9a-f]{4,32}\Z")
 
 
 def newMessageId(now: float | None = None) -> str:
@@ -40,6 +45,11 @@ def newMessageId(now: float | None = None) -> str:
         n = next(_counter)
     micros = int((time.time() if now is None else now) * 1_000_000)
     return f"{micros:x}{n % 4096:03x}"
+
+
+def isMessageId(text: str) -> bool:
+    """Whether ``text`` looks like an id from newMessageId (safe as a file name)."""
+    return _MESSAGE_ID.match(text) is not None
 
 
 @dataclass
@@ -51,6 +61,7 @@ class SpoolFile:
     fd: int | None = None
     tmpPath: str | None = None  # None: an O_TMPFILE file without a name
     length: int = 0  # message bytes written so far
+    scratch: bool = False  # for a QMAILQUEUE filter: the message alone, never linked
 
 
 @dataclass
@@ -122,17 +133,29 @@ class QueueDisk:
     # -- receiving ------------------------------------------------------------
 
     def newSpool(
-        self, birth: float, sender: Address, recipients: list[Address], info: dict[str, str]
+        self,
+        birth: float,
+        sender: Address,
+        recipients: list[Address],
+        info: dict[str, str],
+        msgid: str | None = None,
     ) -> SpoolFile:
-        msgid = newMessageId()
         header = fileHeader(encodeEnvelope(birth, sender, recipients, info))
-        return SpoolFile(msgid, header)
+        return SpoolFile(msgid or newMessageId(), header)
+
+    def newFilterSpool(self) -> SpoolFile:
+        """A spool for a message that goes to a QMAILQUEUE filter rather than
+        into ``mess/``: the message alone in a scratch file (see filterInput)."""
+        return SpoolFile(newMessageId(), b"", scratch=True)
 
     def spoolWrite(self, spool: SpoolFile, data: bytes, trailer: bool = False) -> None:
         """Append message bytes (and, at the end, the trailer) in one write."""
         head = b""
         if spool.fd is None:
-            spool.fd, spool.tmpPath = self.fs.openAnonymous(self.tmpDir, spool.msgid)
+            if spool.scratch:
+                spool.fd = self.scratchFile()
+            else:
+                spool.fd, spool.tmpPath = self.fs.openAnonymous(self.tmpDir, spool.msgid)
             head = spool.header
         spool.length += len(data)
         tail = fileTrailer(spool.length) if trailer else b""
@@ -187,6 +210,99 @@ class QueueDisk:
         """Queue a whole message at once (bounces); durable when it returns."""
         spool = self.newSpool(birth, sender, recipients, info)
         return self.spoolCommit(spool, content)
+
+    def injectFrom(
+        self,
+        birth: float,
+        sender: Address,
+        recipients: list[Address],
+        info: dict[str, str],
+        source: int,
+        offset: int,
+        length: int,
+        msgid: str | None = None,
+    ) -> QueuedMessage:
+        """Queue ``length`` message bytes read from ``source`` at ``offset``
+        (qmailtx-queue); ``msgid`` is the id wanted, if it is still free.
+        Durable when it returns."""
+        spool = self.newSpool(birth, sender, recipients, info, msgid)
+        try:
+            self.spoolWrite(spool, b"")
+            assert spool.fd is not None
+            self.fs.copyRange(source, spool.fd, offset, length)
+            spool.length = length
+        except BaseException:
+            self.spoolAbort(spool)
+            raise
+        return self.spoolCommit(spool, b"")
+
+    # -- QMAILQUEUE filters ---------------------------------------------------
+
+    def scratchFile(self) -> int:
+        """A new read-write file under ``tmp/`` without a name (never durable)."""
+        try:
+            return os.open(self.tmpDir, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if _O_TMPFILE and e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+        path = os.path.join(self.tmpDir, f"{newMessageId()}.scratch")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        unlinkQuietly(self.fs, path)
+        return fd
+
+    def filterInput(self, spool: SpoolFile, data: bytes, envelope: bytes) -> tuple[int, int]:
+        """Finish a filter spool: (message fd, envelope fd), both files read
+        from offset 0, for the filter's fd 0 and fd 1. The caller closes them."""
+        assert spool.scratch
+        envelopeFd = None
+        try:
+            self.spoolWrite(spool, data)
+            envelopeFd = self.scratchFile()
+            self.fs.write(envelopeFd, envelope)
+            os.lseek(envelopeFd, 0, os.SEEK_SET)
+            assert spool.fd is not None
+            os.lseek(spool.fd, 0, os.SEEK_SET)
+        except BaseException:
+            if envelopeFd is not None:
+                os.close(envelopeFd)
+            self.spoolAbort(spool)
+            raise
+        messageFd, spool.fd = spool.fd, None
+        return messageFd, envelopeFd
+
+    def messagePath(self, msgid: str) -> str:
+        return os.path.join(self.messDir, splitName(msgid), msgid)
+
+    def loadNew(
+        self, msgids: Collection[str] | None, known: AbstractSet[str]
+    ) -> tuple[list[QueuedMessage], list[tuple[str, str]]]:
+        """Messages another process linked into ``mess/`` while we run: those
+        named (or, for None, every one) that are not in ``known``.
+
+        Returns the messages and (name, reason) for files that could not be
+        read; unlike ``scan`` nothing is moved or removed (the start-up scan
+        deals with damaged files).
+        """
+        names: list[tuple[str, str]]
+        if msgids is None:
+            names = []
+            for s in SPLIT:
+                folder = os.path.join(self.messDir, s)
+                names.extend((n, os.path.join(folder, n)) for n in self.fs.listdir(folder))
+        else:
+            names = [(m, self.messagePath(m)) for m in msgids if isMessageId(m)]
+        messages = []
+        problems = []
+        for name, path in sorted(names):
+            if name in known:
+                continue
+            try:
+                messages.append(self.load(name, path))
+            except FileNotFoundError:
+                continue  # finished meanwhile, or never queued under this id
+            except (QueueFileError, OSError, UnicodeError) as e:
+                problems.append((name, str(e)))
+        return messages, problems
 
     # -- delivery bookkeeping ----------------------------------------------
 

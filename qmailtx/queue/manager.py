@@ -11,6 +11,12 @@ and temporary failures are rescheduled on qmail's retry schedule.
 
 A crash between any two of these steps repeats work (a delivery or a
 bounce) and never loses it.
+
+Messages that another process linked into the queue (``qmailtx-queue``, run
+by a QMAILQUEUE filter or a local program) are announced by id through the
+store's arrivals (the trigger FIFO, or the store itself when a filter
+accepted a message); ``pickUp`` loads and schedules those it does not know,
+one look at a time, later requests folded into the next look.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from twisted.application.service import Service
@@ -43,6 +50,7 @@ from qmailtx.queue.bounce import (
     buildBounce,
 )
 from qmailtx.queue.disk import ScanResult
+from qmailtx.queue.filter import QueueRefused
 from qmailtx.queue.layout import DELIVERED, FAILED, TODO, QueuedMessage
 from qmailtx.queue.schedule import GIVE_UP, isFinalAttempt, nextRetry
 from qmailtx.queue.store import QueueStore
@@ -107,13 +115,20 @@ class QueueManager(Service):
         self._idleWaiters: list[Deferred[None]] = []
         self._stopping = False
         self.recovered: Deferred[ScanResult] = Deferred()
+        self._recoveryDone = False
+        self._arrivals: set[str] = set()
+        self._lookEverywhere = False
+        self._picking = False
+        self._endedWhilePicking: set[str] = set()
         store.addListener(self.add)
+        store.addArrivalListener(self.pickUp)
 
     # -- service ------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._recoveryDone = False
         self.store.scan().addCallbacks(self._recovered, self._recoveryFailed)
 
     def stopService(self) -> Deferred[None]:
@@ -130,6 +145,8 @@ class QueueManager(Service):
         """After a stop, keep nothing: a later start reads the queue afresh."""
         self.messages.clear()
         self._heap.clear()
+        self._arrivals.clear()
+        self._lookEverywhere = False
         self.recovered = Deferred()
 
     def whenIdle(self) -> Deferred[None]:
@@ -167,11 +184,15 @@ class QueueManager(Service):
                 recovered += 1
                 self.add(message)
         log.info("recovery: {count} message(s) in the queue", count=recovered)
+        self._recoveryDone = True
         self.recovered.callback(result)
+        self._pickUpNext()
 
     def _recoveryFailed(self, failure: Failure) -> None:
         log.failure("queue recovery failed; queued messages are not being delivered", failure)
+        self._recoveryDone = True
         self.recovered.errback(failure)
+        self._pickUpNext()
 
     # -- intake -------------------------------------------------------------
 
@@ -198,6 +219,52 @@ class QueueManager(Service):
         when = max(now, message.nextAttempt or now)
         for channel in sorted(set(channels[i] for i in message.pending())):
             self._schedule(state, channel, when)
+
+    def pickUp(self, msgids: AbstractSet[str] | None) -> None:
+        """Messages another process linked into the queue: schedule those not
+        known yet. ``None``: look through the whole queue for them.
+
+        Looks wait for the start-up scan (which sees everything linked
+        before it) and run one at a time; a message that ends while a look
+        is running is not taken up again from that look's findings.
+        """
+        if msgids is None:
+            self._lookEverywhere = True
+        else:
+            self._arrivals.update(m for m in msgids if m not in self.messages)
+        self._pickUpNext()
+
+    def _pickUpNext(self) -> None:
+        if self._picking or self._stopping or not self._recoveryDone:
+            return
+        self._arrivals.difference_update(self.messages)
+        if not self._lookEverywhere and not self._arrivals:
+            return
+        wanted = None if self._lookEverywhere else frozenset(self._arrivals)
+        self._arrivals.clear()
+        self._lookEverywhere = False
+        self._picking = True
+        self._endedWhilePicking = set()
+        d = self.store.loadNew(wanted, frozenset(self.messages))
+        d.addCallbacks(self._pickedUp, self._pickUpFailed)
+        d.addErrback(self._bug, "-")
+        d.addBoth(self._pickUpDone)
+
+    def _pickedUp(self, found: tuple[list[QueuedMessage], list[tuple[str, str]]]) -> None:
+        messages, problems = found
+        for name, reason in problems:
+            log.warn("queue file {msgid} cannot be read ({reason})", msgid=name, reason=reason)
+        for message in messages:
+            if message.msgid not in self._endedWhilePicking:
+                self.add(message)
+
+    def _pickUpFailed(self, failure: Failure) -> None:
+        log.failure("looking for newly queued messages failed", failure)
+
+    def _pickUpDone(self, _: object) -> None:
+        self._picking = False
+        self._endedWhilePicking = set()
+        self._pickUpNext()
 
     # -- scheduling -----------------------------------------------------------
 
@@ -392,6 +459,14 @@ class QueueManager(Service):
         if failed:
             try:
                 await self._bounce(message, failed, now)
+            except QueueRefused as e:
+                log.warn(
+                    "bounce of msg {msgid} not queued: the queue filter said {reply};"
+                    " will try again",
+                    msgid=message.msgid,
+                    reply=str(e.reply),
+                )
+                retry = True
             except Exception:
                 # Could not queue the bounce (disk trouble): keep the recipients
                 # to do, so the failure is found and bounced again later.
@@ -427,6 +502,8 @@ class QueueManager(Service):
 
     def _ended(self, state: _MessageState) -> None:
         self.messages.pop(state.message.msgid, None)
+        if self._picking:
+            self._endedWhilePicking.add(state.message.msgid)
         log.info("end msg {msgid}", msgid=state.message.msgid)
 
     async def _bounce(
@@ -454,9 +531,21 @@ class QueueManager(Service):
             arrival=message.birth,
             now=now,
         )
-        queued = await self.store.inject(
-            now, bounce.sender, bounce.recipients, bounce.content, {"b": message.msgid}
-        )
+        try:
+            queued = await self.store.inject(
+                now, bounce.sender, bounce.recipients, bounce.content, {"b": message.msgid}
+            )
+        except QueueRefused as e:
+            if not e.permanent:
+                raise
+            # The filter's final word: the bounce is dropped, as a filter that
+            # discards mail would drop it (qmail-send would retry forever).
+            log.warn(
+                "bounce of msg {msgid} refused by the queue filter ({reply}); discarded",
+                msgid=message.msgid,
+                reply=str(e.reply),
+            )
+            return
         log.info("bounce msg {msgid} qp {bounce}", msgid=message.msgid, bounce=queued.msgid)
 
     def _bug(self, failure: Failure, msgid: str) -> None:

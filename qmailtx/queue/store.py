@@ -5,11 +5,20 @@ the end and cost one worker job (write, fsync, link, fsync directory);
 large ones are written in 64 KiB batches while the client is still sending,
 and the SMTP server pauses reading while more than 256 KiB wait for the disk,
 so memory per connection stays bounded.
+
+With a QMAILQUEUE filter (``qmailtx.queue.filter``) a message is spooled
+into a scratch file instead, and at commit the filter gets it; the filter's
+``qmailtx-queue`` links it into ``mess/`` and wakes the queue manager
+(``arrived``), so the commit answers a ``Filtered`` receipt rather than the
+queued message.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -17,14 +26,41 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from qmailtx.address import Address
+from qmailtx.logging import logsafe
 from qmailtx.queue.disk import QueueDisk, ScanResult, SpoolFile
+from qmailtx.queue.filter import QueueFilter, QueueRefused
 from qmailtx.queue.layout import QueuedMessage
+from qmailtx.queue.qq import encodeQmailEnvelope
 
 T = TypeVar("T")
 Runner = Callable[..., "Deferred[Any]"]
 Listener = Callable[[QueuedMessage], None]
+ArrivalListener = Callable[[AbstractSet[str] | None], None]
 
 log = Logger()
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """A message the QMAILQUEUE filter accepted (exit 0).
+
+    Its ``qmailtx-queue`` queued it as ``msgid`` (unless the filter dropped
+    it, or queued it otherwise); the queue manager learns of it from the
+    trigger, not from the store's listeners.
+    """
+
+    msgid: str
+
+
+Queued = QueuedMessage | Filtered
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    birth: float
+    sender: Address
+    recipients: list[Address]
+    info: dict[str, str]
 
 
 def synchronousRunner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -36,9 +72,12 @@ class Spool:
     FLUSH = 64 * 1024
     HIGH = 256 * 1024
 
-    def __init__(self, store: QueueStore, spoolFile: SpoolFile) -> None:
+    def __init__(
+        self, store: QueueStore, spoolFile: SpoolFile, envelope: _Envelope | None = None
+    ) -> None:
         self._store = store
         self._file = spoolFile
+        self._envelope = envelope  # set: the message goes to the queue filter
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._inflight: Deferred[None] | None = None
@@ -107,18 +146,23 @@ class Spool:
         self._inflight.addBoth(chain)
         return d
 
-    def commit(self) -> Deferred[QueuedMessage]:
-        """Make the message durable; fires once it is (the 250 may be sent then)."""
+    def commit(self) -> Deferred[Queued]:
+        """Make the message durable; fires once it is (the 250 may be sent then).
+
+        Fails with QueueRefused when the queue filter refuses the message.
+        """
         if self._closed:
             raise RuntimeError("spool already closed")
         self._closed = True
 
-        def go(_: object) -> Deferred[QueuedMessage]:
+        def go(_: object) -> Deferred[Queued]:
             if self._failure is not None:
                 self._store._run(self._store.disk.spoolAbort, self._file)
-                failed: Deferred[QueuedMessage] = Deferred()
+                failed: Deferred[Queued] = Deferred()
                 failed.errback(self._failure)
                 return failed
+            if self._envelope is not None:
+                return self._store._viaFilter(self._file, self._takeBuffer(), self._envelope)
             d = self._store._run(self._store.disk.spoolCommit, self._file, self._takeBuffer())
             return d.addCallback(self._store._committed)
 
@@ -141,15 +185,35 @@ class Spool:
 
 
 class QueueStore:
-    """Async face of QueueDisk; tells its listeners about every committed message."""
+    """Async face of QueueDisk; tells its listeners about every committed message.
 
-    def __init__(self, disk: QueueDisk, runner: Runner) -> None:
+    With ``queueFilter``, every message goes through it instead (see the
+    module's docstring).
+    """
+
+    def __init__(
+        self, disk: QueueDisk, runner: Runner, queueFilter: QueueFilter | None = None
+    ) -> None:
         self.disk = disk
         self._run = runner
+        self.filter = queueFilter
         self._listeners: list[Listener] = []
+        self._arrivalListeners: list[ArrivalListener] = []
 
     def addListener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def addArrivalListener(self, listener: ArrivalListener) -> None:
+        """``listener(msgids)`` hears of messages another process linked into
+        the queue (qmailtx-queue): their ids, or None for "look everywhere"."""
+        self._arrivalListeners.append(listener)
+
+    def arrived(self, msgids: AbstractSet[str] | None) -> None:
+        for listener in self._arrivalListeners:
+            try:
+                listener(msgids)
+            except Exception:
+                log.failure("queue arrival listener failed")
 
     def _committed(self, message: QueuedMessage) -> QueuedMessage:
         for listener in self._listeners:
@@ -162,6 +226,9 @@ class QueueStore:
     def openSpool(
         self, birth: float, sender: Address, recipients: list[Address], info: dict[str, str]
     ) -> Spool:
+        if self.filter is not None:
+            envelope = _Envelope(birth, sender, recipients, info)
+            return Spool(self, self.disk.newFilterSpool(), envelope)
         return Spool(self, self.disk.newSpool(birth, sender, recipients, info))
 
     def inject(
@@ -171,12 +238,57 @@ class QueueStore:
         recipients: list[Address],
         content: bytes,
         info: dict[str, str],
-    ) -> Deferred[QueuedMessage]:
+    ) -> Deferred[Queued]:
+        """Queue a whole message (bounces, forwards, auto-replies); fails with
+        QueueRefused when the queue filter refuses it."""
+        if self.filter is not None:
+            envelope = _Envelope(birth, sender, recipients, info)
+            return self._viaFilter(self.disk.newFilterSpool(), content, envelope)
         d = self._run(self.disk.inject, birth, sender, recipients, content, info)
         return d.addCallback(self._committed)
 
+    def _viaFilter(self, spool: SpoolFile, data: bytes, envelope: _Envelope) -> Deferred[Queued]:
+        return Deferred.fromCoroutine(self._filterMessage(spool, data, envelope))
+
+    async def _filterMessage(self, spool: SpoolFile, data: bytes, envelope: _Envelope) -> Queued:
+        queueFilter = self.filter
+        assert queueFilter is not None
+        msgid = spool.msgid
+        qq = encodeQmailEnvelope(envelope.sender, envelope.recipients)
+        messageFd, envelopeFd = await self._run(self.disk.filterInput, spool, data, qq)
+        try:
+            result = await queueFilter.run(messageFd, envelopeFd, msgid, envelope.info)
+        finally:
+            os.close(messageFd)
+            os.close(envelopeFd)
+        if result.stderr:
+            log.info(
+                "queue filter for msg {msgid} said: {text}",
+                msgid=msgid,
+                text=logsafe(result.stderr.decode("latin-1").strip()),
+            )
+        reply = result.reply()
+        if reply is not None:
+            log.info(
+                "queue filter refused msg {msgid} from <{sender}>: {how}: {code} {text}",
+                msgid=msgid,
+                sender=str(envelope.sender),
+                how=result.describe(),
+                code=reply.code,
+                text=reply.text,
+            )
+            raise QueueRefused(reply)
+        log.info("queue filter passed msg {msgid}", msgid=msgid)
+        self.arrived({msgid})
+        return Filtered(msgid)
+
     def scan(self) -> Deferred[ScanResult]:
         return self._run(self.disk.scan)
+
+    def loadNew(
+        self, msgids: AbstractSet[str] | None, known: AbstractSet[str]
+    ) -> Deferred[tuple[list[QueuedMessage], list[tuple[str, str]]]]:
+        return self._run(self.disk.loadNew, msgids, known)
 
     def mark(
         self, message: QueuedMessage, changes: dict[int, str], nextAttempt: float | None

@@ -1,4 +1,11 @@
-"""SMTPServerFactory: what every connection of one listener shares."""
+"""SMTPServerFactory: what every connection of one listener shares.
+
+Besides the settings, the queue and the policy checks: the cred ``portal``
+for AUTH (None: no AUTH), the ``tls`` context for STARTTLS (None: no
+STARTTLS; an SMTPS listener wraps this factory in ``TLSMemoryBIOFactory``
+with the same object) and the failed-AUTH ``throttle``, which one instance
+shares between its listeners.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,17 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 
 from qmailtx.config import Config, IPNetwork, ListenerConfig
 from qmailtx.policy.interfaces import IDataCheck, IRecipientCheck, ISenderCheck, ISMTPSession
 from qmailtx.queue.store import QueueStore
+from qmailtx.smtp.auth import SMTPAuthenticator, isLoopback
 from qmailtx.smtp.server import ESMTPServer
+from qmailtx.smtp.throttle import AuthThrottle
+from qmailtx.smtp.tls import ServerTLS
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,9 @@ class SMTPServerFactory(Factory):
         senderChecks: Sequence[ISenderCheck] = (),
         recipientChecks: Sequence[IRecipientCheck] = (),
         dataChecks: Sequence[tuple[str, Callable[[ISMTPSession], IDataCheck]]] = (),
+        portal: Portal | None = None,
+        tls: ServerTLS | None = None,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -83,13 +97,36 @@ class SMTPServerFactory(Factory):
         self.senderChecks = tuple(senderChecks)
         self.recipientChecks = tuple(recipientChecks)
         self.dataChecks = tuple(dataChecks)
+        self.portal = portal
+        self.auth = SMTPAuthenticator(portal, settings.me) if portal is not None else None
+        self.tls = tls
+        self.throttle = throttle if throttle is not None else AuthThrottle(clock)
 
     def buildProtocol(self, addr: IAddress | None) -> ESMTPServer:
         protocol = ESMTPServer(self)
         protocol.factory = self
         return protocol
 
+    def authMechanisms(self, session: ISMTPSession) -> tuple[str, ...]:
+        """The AUTH mechanisms this session may use: PLAIN and LOGIN only
+        inside TLS, from loopback, or with ``auth_before_tls``."""
+        if self.auth is None:
+            return ()
+        plaintextAllowed = (
+            session.secure or self.settings.authBeforeTLS or isLoopback(session.peerHost)
+        )
+        return self.auth.offered(plaintextAllowed)
+
+    def offersSTARTTLS(self, session: ISMTPSession) -> bool:
+        return self.tls is not None and not session.secure
+
     def extensions(self, session: ISMTPSession) -> list[str]:
         """EHLO keywords after the greeting line, in qmail-toaster order."""
+        lines = []
+        mechanisms = " ".join(self.authMechanisms(session))
+        if mechanisms:
+            lines += [f"AUTH {mechanisms}", f"AUTH={mechanisms}"]
+        if self.offersSTARTTLS(session):
+            lines.append("STARTTLS")
         size = f"SIZE {self.settings.databytes}" if self.settings.databytes else "SIZE"
-        return [size, "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        return [*lines, size, "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]

@@ -6,9 +6,19 @@ with one 500 when it ends and is never split into commands. In DATA mode the
 bytes go through ``DataParser`` (strict CRLF) straight into a queue spool.
 
 Replies leave in command order: while a command waits for something (a
-check answering later, the queue's fsync), later pipelined input stays
-buffered and unprocessed; reading from the socket is paused when that buffer
-is full, or when the client is not reading our replies.
+check answering later, the queue's fsync, a login), or while the client is
+not reading our replies, later pipelined input stays buffered and
+unprocessed; reading from the socket is paused once that buffer is full. (It
+is not paused at once when the transport pauses us: a TLS transport does so
+while its handshake is unfinished, and the handshake needs reading.)
+
+AUTH (``qmailtx.smtp.auth``) reads its continuation lines in the same line
+mode, up to RFC 4954's 12288 octets; they are never taken as commands, and
+never logged. A failed login is answered after the throttle's delay.
+
+STARTTLS (RFC 3207) answers 220, throws away whatever the client sent after
+the STARTTLS line (CVE-2011-0411: nothing pipelined in plaintext may run
+inside TLS), forgets the session (HELO, transaction, AUTH) and starts TLS.
 """
 
 from __future__ import annotations
@@ -16,9 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -28,13 +40,39 @@ from qmailtx.policy.chain import runChecks
 from qmailtx.policy.interfaces import IDataCheck
 from qmailtx.policy.verdict import Verdict, VerdictKind
 from qmailtx.queue.disk import isDiskFull
+from qmailtx.queue.filter import QueueRefused
 from qmailtx.queue.store import Spool
 from qmailtx.reply import SMTPRejection, SMTPReply
+from qmailtx.smtp.auth import (
+    AUTH_LINE_LIMIT,
+    R_AUTH_AGAIN,
+    R_AUTH_ENCRYPT,
+    R_AUTH_FAILED,
+    R_AUTH_IN_MAIL,
+    R_AUTH_OK,
+    R_AUTH_REQUIRED,
+    R_AUTH_SYNTAX,
+    R_AUTH_TEMPORARY,
+    R_AUTH_TOO_LONG,
+    R_AUTH_UNAVAILABLE,
+    R_AUTH_UNKNOWN,
+    AuthInputError,
+    AuthRefused,
+    Challenge,
+    Credentials,
+    Exchange,
+    Login,
+    Step,
+    decodeInitialResponse,
+    decodeResponse,
+)
 from qmailtx.smtp.commands import parseCommand, parsePathCommand
 from qmailtx.smtp.data import BareLineEnding, DataParser
-from qmailtx.smtp.received import receivedLine
+from qmailtx.smtp.received import protocolName, receivedLine
 from qmailtx.smtp.session import SMTPSession
+from qmailtx.smtp.tls import describeConnection
 from qmailtx.smtp.writethrough import writeNow
+from qmailtx.vdomain.interfaces import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from qmailtx.smtp.factory import SMTPServerFactory
@@ -44,7 +82,7 @@ log = Logger()
 INPUT_LIMIT = 64 * 1024  # pipelined input held while a command is pending
 DISCARD_LIMIT = 64 * 1024  # bytes of one over-long line before we hang up
 
-_COMMAND, _DATA, _CLOSED = "command", "data", "closed"
+_COMMAND, _DATA, _AUTH, _CLOSED = "command", "data", "auth", "closed"
 
 R_OK = SMTPReply(250, "2.0.0", "ok")
 R_MAIL_OK = SMTPReply(250, "2.1.0", "ok")
@@ -68,9 +106,12 @@ R_DISK_FULL = SMTPReply(452, "4.3.1", "qq write error or disk full")
 R_QUEUE_ERROR = SMTPReply(451, "4.3.0", "qq write error or disk full")
 R_BAD_PARAMETER = SMTPReply(555, "5.5.4", "unsupported parameter")
 R_INTERNAL = SMTPReply(451, "4.3.0", "internal error, try again later")
+R_TLS_READY = SMTPReply(220, "2.0.0", "ready for tls")
+R_TLS_PARAMETERS = SMTPReply(501, "5.5.4", "syntax error (no parameters allowed)")
+R_TLS_UNAVAILABLE = SMTPReply(454, "4.3.0", "TLS not available")
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class ESMTPServer(Protocol):
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
@@ -81,12 +122,16 @@ class ESMTPServer(Protocol):
         self._busy = False  # a command's reply is pending
         self._outputBlocked = False  # the client is not reading our replies
         self._readingPaused = False
+        self._registered = False  # we are the transport's producer
         self._discarding = -1  # bytes discarded from an over-long line; -1: not discarding
         self._badCommands = 0
         self._data: DataParser | None = None
         self._spool: Spool | None = None
         self._checks: list[IDataCheck] = []
         self._timer: IDelayedCall | None = None
+        self._exchange: Exchange | None = None  # the AUTH exchange waiting for a line
+        self._logout: Callable[[], None] | None = None
+        self._penalty: Deferred[None] | None = None  # a failed AUTH's delay
 
     # -- connection ---------------------------------------------------------
 
@@ -98,6 +143,7 @@ class ESMTPServer(Protocol):
             getattr(peer, "port", 0),
             listener=self.settings.listener,
             clientRelay=self.settings.isRelayClient(host),
+            secure=self.settings.implicitTLS,
         )
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
@@ -106,6 +152,7 @@ class ESMTPServer(Protocol):
             except OSError:
                 pass
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._registered = True
         self._resetTimer()
         self._write(SMTPReply(220, "", f"{self.settings.greeting} ESMTP"))
 
@@ -115,6 +162,26 @@ class ESMTPServer(Protocol):
             self._timer.cancel()
         self._timer = None
         self._abortData()
+        self._exchange = None
+        if self._penalty is not None:
+            self._penalty.cancel()
+        self._endLogin()
+
+    def handshakeCompleted(self) -> None:
+        log.info(
+            "TLS with {peer} session {session}: {tls}",
+            peer=self.session.peerHost,
+            session=self.session.sessionId,
+            tls=describeConnection(self.transport) or "?",
+        )
+
+    def _endLogin(self) -> None:
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            try:
+                logout()
+            except Exception:
+                log.failure("logout of {user} failed", user=self.session.authenticatedAs)
 
     def _close(self) -> None:
         if self._mode == _CLOSED:
@@ -125,6 +192,11 @@ class ESMTPServer(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        # A registered producer holds a TLS transport's close (it waits for
+        # the producer to go away before it sends close_notify).
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _abortData(self) -> None:
@@ -157,7 +229,8 @@ class ESMTPServer(Protocol):
     # -- flow control ----------------------------------------------------------
 
     def pauseProducing(self) -> None:
-        """The transport's write buffer is full: stop reading until it drains."""
+        """The transport cannot take more replies now (its buffer is full, or TLS
+        is still handshaking): hold further input until it can."""
         self._outputBlocked = True
         self._updateReading()
 
@@ -170,7 +243,8 @@ class ESMTPServer(Protocol):
         pass
 
     def _updateReading(self) -> None:
-        pause = self._outputBlocked or (self._busy and len(self._buffer) >= INPUT_LIMIT)
+        held = self._busy or self._outputBlocked
+        pause = held and len(self._buffer) >= INPUT_LIMIT
         if self._mode == _CLOSED or pause == self._readingPaused:
             return
         self._readingPaused = pause
@@ -194,11 +268,27 @@ class ESMTPServer(Protocol):
             if self._mode == _DATA:
                 chunk, self._buffer = self._buffer, b""
                 self._dataChunk(chunk)
-            elif self._mode == _COMMAND:
+            elif self._mode in (_COMMAND, _AUTH):
                 if not self._nextLine():
                     break
             else:
                 self._buffer = b""
+
+    def _lineLimit(self, buf: bytes) -> int:
+        """Longest line accepted: AUTH lines (the command and the exchange's
+        responses) may be longer than commands (RFC 4954)."""
+        limit = self.settings.maxCommandLine
+        if self._mode == _AUTH or buf[:5].upper() == b"AUTH ":
+            return max(limit, AUTH_LINE_LIMIT)
+        return limit
+
+    def _tooLong(self) -> None:
+        if self._mode == _AUTH:
+            self._exchange = None
+            self._mode = _COMMAND
+            self._badCommand(R_AUTH_TOO_LONG)
+        else:
+            self._badCommand(R_TOO_LONG)
 
     def _nextLine(self) -> bool:
         """Handle one command line; False when no whole line is buffered."""
@@ -214,19 +304,23 @@ class ESMTPServer(Protocol):
                 return False
             self._buffer = buf[nl + 1 :]
             self._discarding = -1
-            self._badCommand(R_TOO_LONG)
+            self._tooLong()
             return True
+        limit = self._lineLimit(buf)
         if nl < 0:
-            if len(buf) > self.settings.maxCommandLine:
+            if len(buf) > limit:
                 self._discarding = len(buf)
                 self._buffer = b""
             return False
         self._buffer = buf[nl + 1 :]
-        if nl + 1 > self.settings.maxCommandLine:
-            self._badCommand(R_TOO_LONG)
+        if nl + 1 > limit:
+            self._tooLong()
             return True
         line = buf[: nl - 1] if nl and buf[nl - 1] == 13 else buf[:nl]
-        self._handleLine(line)
+        if self._mode == _AUTH:
+            self._answer(self._authResponse(line))
+        else:
+            self._handleLine(line)
         return True
 
     def _handleLine(self, line: bytes) -> None:
@@ -324,13 +418,17 @@ class ESMTPServer(Protocol):
         return SMTPReply(250, "", "\n".join(lines))
 
     def smtp_MAIL(self, argument: str) -> SMTPReply | Deferred[SMTPReply]:
+        if self.settings.requireAuth and self.session.authenticatedAs is None:
+            raise SMTPRejection(R_AUTH_REQUIRED)
         if self.session.sender is not None:
             raise SMTPRejection(R_NESTED_MAIL)
         command = parsePathCommand(argument, "FROM", allowNull=True)
         params = command.parameters
         for key in params:
-            if key not in ("SIZE", "BODY"):
+            if key not in ("SIZE", "BODY", "AUTH"):
                 raise SMTPRejection(R_BAD_PARAMETER)
+        if "AUTH" in params and not _validAuthParameter(params["AUTH"]):
+            raise SMTPRejection(R_ARGUMENT)
         body = params.get("BODY")
         if "BODY" in params and (body is None or body.upper() not in ("7BIT", "8BITMIME")):
             raise SMTPRejection(R_ARGUMENT)
@@ -393,9 +491,18 @@ class ESMTPServer(Protocol):
             list(session.recipients),
             {"c": session.peerHost, "s": session.sessionId},
         )
-        protocol = "ESMTP" if session.esmtp else "SMTP"
+        authenticated = session.authenticatedAs is not None
         self._spool.write(
-            receivedLine(session.helo, session.peerHost, self.settings.me, protocol, now)
+            receivedLine(
+                session.helo,
+                session.peerHost,
+                self.settings.me,
+                protocolName(session.esmtp, session.secure, authenticated),
+                now,
+                remoteInfo=session.authenticatedAs,
+                tls=describeConnection(self.transport) if session.secure else None,
+                timezone=self.settings.timezone,
+            )
         )
         self._data = DataParser(self.settings.databytes)
         self._checks = [makeCheck(session) for _, makeCheck in self.factory.dataChecks]
@@ -419,6 +526,168 @@ class ESMTPServer(Protocol):
         self._write(SMTPReply(221, "2.0.0", self.settings.greeting))
         self._close()
 
+    # -- STARTTLS ------------------------------------------------------------------
+
+    def smtp_STARTTLS(self, argument: str) -> SMTPReply | None:
+        tls = self.factory.tls
+        if tls is None or self.session.secure:
+            raise SMTPRejection(R_UNIMPLEMENTED)
+        if argument:
+            raise SMTPRejection(R_TLS_PARAMETERS)
+        startTLS = getattr(self.transport, "startTLS", None)
+        if startTLS is None:
+            return R_TLS_UNAVAILABLE
+        self._write(R_TLS_READY)
+        # CVE-2011-0411: what the client sent after STARTTLS was sent in
+        # plaintext; none of it may be taken as said inside TLS.
+        discarded = len(self._buffer)
+        self._buffer = b""
+        self._discarding = -1
+        if discarded:
+            log.info(
+                "discarded {count} bytes pipelined after STARTTLS from {peer} session {session}",
+                count=discarded,
+                peer=self.session.peerHost,
+                session=self.session.sessionId,
+            )
+        self._forgetSession(secure=True)
+        startTLS(tls)
+        return None
+
+    def _forgetSession(self, secure: bool) -> None:
+        """RFC 3207 4.2: forget what the client told us (HELO, transaction, AUTH)."""
+        old = self.session
+        self._endLogin()
+        self._exchange = None
+        self.session = SMTPSession(
+            old.peerHost,
+            old.peerPort,
+            listener=old.listener,
+            sessionId=old.sessionId,
+            clientRelay=old.clientRelay,
+            secure=secure,
+        )
+
+    # -- AUTH ----------------------------------------------------------------------
+
+    def smtp_AUTH(self, argument: str) -> SMTPReply | Deferred[SMTPReply | None] | None:
+        auth = self.factory.auth
+        session = self.session
+        if auth is None:
+            raise SMTPRejection(R_AUTH_UNAVAILABLE)
+        if session.authenticatedAs is not None:
+            raise SMTPRejection(R_AUTH_AGAIN)
+        if session.sender is not None:
+            raise SMTPRejection(R_AUTH_IN_MAIL)
+        words = argument.split(" ")
+        if len(words) > 2:
+            raise SMTPRejection(R_AUTH_SYNTAX)
+        name = words[0].upper()
+        if name not in auth.mechanisms:
+            raise SMTPRejection(R_AUTH_UNKNOWN)
+        if name not in self.factory.authMechanisms(session):
+            raise SMTPRejection(R_AUTH_ENCRYPT)
+        exchange = auth.exchange(name, self.factory.clock.seconds())
+        try:
+            initial = decodeInitialResponse(words[1]) if len(words) == 2 else None
+            step = exchange.start(initial)
+        except AuthInputError as e:
+            raise SMTPRejection(e.reply) from None
+        except AuthRefused:
+            return self._loginFailed(exchange)
+        return self._authStep(exchange, step)
+
+    def _authResponse(self, line: bytes) -> SMTPReply | Deferred[SMTPReply | None] | None:
+        """One client line of the AUTH exchange (never a command)."""
+        exchange, self._exchange = self._exchange, None
+        self._mode = _COMMAND
+        assert exchange is not None
+        try:
+            step = exchange.respond(decodeResponse(line))
+        except AuthInputError as e:
+            self._badCommand(e.reply)
+            return None
+        except AuthRefused:
+            return self._loginFailed(exchange)
+        return self._authStep(exchange, step)
+
+    def _authStep(
+        self, exchange: Exchange, step: Step
+    ) -> SMTPReply | Deferred[SMTPReply | None] | None:
+        if isinstance(step, Challenge):
+            self._exchange = exchange
+            self._mode = _AUTH
+            if self.transport is not None:
+                writeNow(self.transport, step.toBytes())
+            return None
+        return Deferred.fromCoroutine(self._login(exchange, step))
+
+    async def _login(self, exchange: Exchange, credentials: Credentials) -> SMTPReply | None:
+        auth = self.factory.auth
+        assert auth is not None
+        session = self.session
+        try:
+            login: Login = await auth.login(credentials)
+        except (UnauthorizedLogin, AuthRefused):
+            return await self._penalise(exchange, session)
+        except DatabaseUnavailable as e:
+            log.warn(
+                "AUTH {mechanism} from {peer} session {session}: user database unavailable:"
+                " {error}",
+                mechanism=exchange.name,
+                peer=session.peerHost,
+                session=session.sessionId,
+                error=str(e),
+            )
+            return R_AUTH_TEMPORARY
+        except Exception:
+            log.failure(
+                "AUTH {mechanism} from {peer} session {session} failed",
+                mechanism=exchange.name,
+                peer=session.peerHost,
+                session=session.sessionId,
+            )
+            return R_AUTH_TEMPORARY
+        if self._mode == _CLOSED or self.session is not session:
+            login.logout()
+            return None
+        session.authenticatedAs = login.address
+        self._logout = login.logout
+        self.factory.throttle.succeeded(session.peerHost)
+        log.info(
+            "AUTH {mechanism} as {user} from {peer} session {session}",
+            mechanism=exchange.name,
+            user=login.address,
+            peer=session.peerHost,
+            session=session.sessionId,
+        )
+        return R_AUTH_OK
+
+    def _loginFailed(self, exchange: Exchange) -> Deferred[SMTPReply | None]:
+        return Deferred.fromCoroutine(self._penalise(exchange, self.session))
+
+    async def _penalise(self, exchange: Exchange, session: SMTPSession) -> SMTPReply | None:
+        """A refused login: 535 after the client address's penalty delay."""
+        delay = self.factory.throttle.failed(session.peerHost)
+        log.info(
+            "AUTH {mechanism} refused from {peer} session {session}; answering in {delay} s",
+            mechanism=exchange.name,
+            peer=session.peerHost,
+            session=session.sessionId,
+            delay=delay,
+        )
+        if self._mode == _CLOSED:
+            return None
+        self._penalty = deferLater(self.factory.clock, delay, lambda: None)
+        try:
+            await self._penalty
+        except CancelledError:
+            return None
+        finally:
+            self._penalty = None
+        self._badCommand(R_AUTH_FAILED)
+        return None
+
     _handlers: dict[str, Callable[[ESMTPServer, str], Any]] = {
         "HELO": smtp_HELO,
         "EHLO": smtp_EHLO,
@@ -430,6 +699,8 @@ class ESMTPServer(Protocol):
         "VRFY": smtp_VRFY,
         "HELP": smtp_HELP,
         "QUIT": smtp_QUIT,
+        "STARTTLS": smtp_STARTTLS,
+        "AUTH": smtp_AUTH,
     }
 
     # -- DATA ------------------------------------------------------------------
@@ -511,6 +782,8 @@ class ESMTPServer(Protocol):
             return SMTPReply(250, "2.0.0", f"ok {now} qp {message.msgid}")
 
         def failed(failure: Failure) -> SMTPReply:
+            if isinstance(failure.value, QueueRefused):
+                return failure.value.reply  # the QMAILQUEUE filter's answer (logged)
             log.failure(
                 "could not queue message from {peer} session {session}",
                 failure,
@@ -524,3 +797,26 @@ class ESMTPServer(Protocol):
 
 def _noReply(_: None) -> SMTPReply | None:
     return None
+
+
+def _validAuthParameter(value: str | None) -> bool:
+    """``AUTH=<>`` or an xtext mailbox (RFC 4954 5) whose decoding holds no
+    control characters. The value is checked, then ignored: the server
+    trusts no client's claim about who submitted a message."""
+    if value is None:
+        return False
+    if value == "<>":
+        return True
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "+":
+            code = value[i + 1 : i + 3]
+            if len(code) != 2 or any(h not in "0123456789ABCDEF" for h in code):
+                return False
+            if not 0x21 <= int(code, 16) <= 0x7E:
+                return False
+            i += 3
+        else:
+            i += 1
+    return True

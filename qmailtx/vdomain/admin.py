@@ -16,6 +16,7 @@
     alias add A@D TARGET...                alias del A@D [TARGET]
     alias list D
     import-vpopmail DIR [--dry-run] [--no-mail]
+    policies                               (each listener's policies, stage by stage)
 
 Without ``--config`` the built-in defaults apply (data in ``./var``). Every
 change is written to the user database at once, in its own short
@@ -73,6 +74,7 @@ from qmailtx.vdomain.commands.domain import (
     domainUnalias,
 )
 from qmailtx.vdomain.commands.importing import importVpopmail
+from qmailtx.vdomain.commands.policies import listPolicies
 from qmailtx.vdomain.commands.user import (
     userAdd,
     userDel,
@@ -209,6 +211,11 @@ def _buildParser() -> _Parser:
     p.add_argument("target", nargs="?", metavar="TARGET")
     p = command(alias, "list", aliasList, "list the aliases of a domain")
     p.add_argument("domain")
+
+    p = commands.add_parser(
+        "policies", help="list each listener's policies per SMTP stage", parents=[common]
+    )
+    p.set_defaults(handler=listPolicies)
 
     p = commands.add_parser("import-vpopmail", help="import a vpopmail tree", parents=[common])
     p.set_defaults(handler=importVpopmail)

@@ -30,7 +30,7 @@ from qmailtx.queue.bounce import BounceSettings
 from qmailtx.queue.disk import QueueDisk
 from qmailtx.queue.layout import DELIVERED, FAILED, TODO, QueuedMessage
 from qmailtx.queue.manager import QueueManager, QueueSettings
-from qmailtx.queue.store import QueueStore, synchronousRunner
+from qmailtx.queue.store import Queued, QueueStore, synchronousRunner
 from qmailtx.testing import RecordingFileSystem
 
 Script = Callable[[QueuedMessage, Address], DeliveryResult | Deferred[DeliveryResult]]
@@ -142,7 +142,7 @@ class ManagerTestCase(SynchronousTestCase):
             body,
             {},
         )
-        result: list[QueuedMessage] = []
+        result: list[Queued] = []
         message.addCallback(result.append)
         return result[0].msgid
 
@@ -460,3 +460,97 @@ class RetryNowTests(ManagerTestCase):
 
         flushOnSignal(FakeReactor(), retry)(14, None)  # type: ignore[arg-type]
         self.assertEqual(calls, [retry])
+
+
+class PickUpTests(ManagerTestCase):
+    """Messages another process (qmailtx-queue) linked into the queue."""
+
+    def linked(self, *recipients: str) -> QueuedMessage:
+        """A message on disk that the manager was not told about."""
+        message = self.disk.inject(
+            self.clock.seconds(),
+            Address("a", "b.example"),
+            [Address.fromStored(r) for r in recipients],
+            b"x\n",
+            {},
+        )
+        self.disk.setNextAttempt(message, self.clock.seconds())  # due now on the test clock
+        return message
+
+    def test_arrivalByIdIsDelivered(self) -> None:
+        self.makeManager(lambda m, r: delivered("ok"))
+        message = self.linked("u@mx.test")
+        self.assertEqual(self.local.calls, [])
+        self.store.arrived({message.msgid})
+        self.assertEqual([c[1:] for c in self.local.calls], [(message.msgid, "u@mx.test")])
+        self.assertEqual(self.queuedMessages(), [])
+
+    def test_lookEverywhere(self) -> None:
+        self.makeManager(lambda m, r: delivered("ok"))
+        first, second = self.linked("u@mx.test"), self.linked("v@mx.test")
+        self.store.arrived(None)
+        self.assertEqual(
+            sorted(c[1] for c in self.local.calls), sorted([first.msgid, second.msgid])
+        )
+
+    def test_knownAndUnknownIdsAreSkipped(self) -> None:
+        pending, hold = held()
+        manager = self.makeManager(hold)
+        msgid = self.inject("a@b.example", "u@mx.test")
+        self.store.arrived({msgid, "66aa0000000000", "../../etc"})
+        self.store.arrived(None)
+        self.assertEqual(len(self.local.calls), 1)
+        self.assertEqual(list(manager.messages), [msgid])
+        pending[0].callback(delivered("ok"))
+
+    def test_waitsForTheStartupScan(self) -> None:
+        runner = ManualRunner()
+        self.store = QueueStore(self.disk, runner)
+        message = self.linked("u@mx.test")
+        manager = self.makeManager(lambda m, r: delivered("ok"))
+        self.store.arrived({message.msgid})
+        self.assertEqual(len(runner.pending), 1)  # the start-up scan only
+        runner.runOne()
+        while runner.pending:
+            runner.runOne()
+        self.assertEqual(len(self.local.calls), 1)
+        self.assertEqual(manager.messages, {})
+
+    def test_oneLookAtATimeLaterRequestsFolded(self) -> None:
+        runner = ManualRunner()
+        self.store = QueueStore(self.disk, runner)
+        self.makeManager(lambda m, r: temporary("later"))
+        runner.runOne()  # start-up scan
+        a, b, c = self.linked("u@mx.test"), self.linked("v@mx.test"), self.linked("w@mx.test")
+        self.store.arrived({a.msgid})
+        self.store.arrived({b.msgid})
+        self.store.arrived({c.msgid})
+        [(f, args, _)] = runner.pending
+        self.assertEqual(args[0], frozenset({a.msgid}))
+        runner.runOne()
+        loads = [args for f, args, _ in runner.pending if f == self.disk.loadNew]
+        self.assertEqual([args[0] for args in loads], [frozenset({b.msgid, c.msgid})])
+        while runner.pending:
+            runner.runOne()
+        self.assertEqual(
+            sorted(call[1] for call in self.local.calls), sorted([a.msgid, b.msgid, c.msgid])
+        )
+
+    def test_messageThatEndedDuringALookIsNotTakenUpAgain(self) -> None:
+        """The look read the file before the delivery removed it: no second delivery."""
+        runner = ManualRunner()
+        self.store = QueueStore(self.disk, runner)
+        manager = self.makeManager(lambda m, r: delivered("ok"))
+        runner.runOne()  # start-up scan
+        message = self.linked("u@mx.test")
+        self.store.arrived(None)
+        look = runner.pending.pop(0)
+        found = look[0](*look[1])  # the look reads the file...
+        manager.add(message)  # ...while the message is being delivered through another path
+        while runner.pending:
+            runner.runOne()
+        self.assertEqual(manager.messages, {})
+        self.assertEqual(self.queuedMessages(), [])
+        look[2].callback(found)
+        self.assertEqual(len(self.local.calls), 1)
+        self.assertEqual(manager.messages, {})

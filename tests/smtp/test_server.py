@@ -9,7 +9,9 @@ from zope.interface import implementer
 from qmailtx.address import Address
 from qmailtx.policy.interfaces import IRecipientCheck, ISMTPSession
 from qmailtx.policy.verdict import CONTINUE, Verdict, disconnect, reject
-from qmailtx.testing import SMTPServerHarness
+from qmailtx.smtp.received import protocolName, qmailDate, receivedLine
+from qmailtx.smtp.tls import ServerTLS
+from qmailtx.testing import SMTPServerHarness, makeTestPortal, makeTestUsers
 
 SIMPLE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\nDATA\r\n"
 
@@ -439,3 +441,72 @@ class TimeoutTests(ServerTestCase):
         h.protocol.connectionLost()
         self.assertEqual(h.queuedFiles(), [])
         self.assertEqual(h.tmpFiles(), [])
+
+
+class ReceivedLineTests(ServerTestCase):
+    """P14: dates in the configured zone with a numeric offset; RFC 3848 names."""
+
+    def test_dateInAZone(self) -> None:
+        july = 1719835200  # 2024-07-01T12:00:00Z
+        self.assertEqual(qmailDate(july, "Europe/Berlin"), "1 Jul 2024 14:00:00 +0200")
+        self.assertEqual(qmailDate(july, "UTC"), "1 Jul 2024 12:00:00 +0000")
+        january = 1704110400  # 2024-01-01T12:00:00Z
+        self.assertEqual(qmailDate(january, "America/St_Johns"), "1 Jan 2024 08:30:00 -0330")
+
+    def test_serverUsesTheConfiguredZone(self) -> None:
+        h = self.harness(settings={"timezone": "Asia/Kolkata"})
+        h.send(b"HELO c\r\n" + SIMPLE + b"x\r\n.\r\n")
+        [message] = h.committed
+        received = h.messageBytes(message).split(b"\n")[1]
+        # The harness clock starts at the epoch.
+        self.assertEqual(received, b"  by mx.test with SMTP; 1 Jan 1970 05:30:00 +0530")
+
+    def test_protocolNames(self) -> None:
+        self.assertEqual(protocolName(False, False, False), "SMTP")
+        self.assertEqual(protocolName(True, False, False), "ESMTP")
+        self.assertEqual(protocolName(True, True, False), "ESMTPS")
+        self.assertEqual(protocolName(True, False, True), "ESMTPA")
+        self.assertEqual(protocolName(True, True, True), "ESMTPSA")
+
+    def test_tlsAndUserNoted(self) -> None:
+        line = receivedLine(
+            "c",
+            "192.0.2.1",
+            "mx.test",
+            "ESMTPSA",
+            0,
+            remoteInfo="alice@example.com",
+            tls="TLSv1.3 TLS_AES_256_GCM_SHA384",
+            timezone="UTC",
+        )
+        self.assertEqual(
+            line,
+            b"Received: from unknown (HELO c) (alice@example.com@192.0.2.1)\n"
+            b"  by mx.test with ESMTPSA (TLSv1.3 TLS_AES_256_GCM_SHA384 encrypted);"
+            b" 1 Jan 1970 00:00:00 +0000\n",
+        )
+
+    def test_ehloOrderWithAuthAndTLS(self) -> None:
+        store = makeTestUsers(self.mktemp(), {"a@example.com": "pw"})
+        self.addCleanup(store.close)
+        h = SMTPServerHarness(
+            self.mktemp(),
+            peerHost="127.0.0.1",
+            portal=makeTestPortal(store),
+            tls=ServerTLS("/nonexistent"),
+        )
+        h.clear()
+        h.send(b"EHLO c\r\n")
+        self.assertEqual(
+            h.replies(),
+            [
+                "250-mx.test",
+                "250-AUTH LOGIN CRAM-MD5 PLAIN",
+                "250-AUTH=LOGIN CRAM-MD5 PLAIN",
+                "250-STARTTLS",
+                "250-SIZE 10485760",
+                "250-PIPELINING",
+                "250-8BITMIME",
+                "250 ENHANCEDSTATUSCODES",
+            ],
+        )

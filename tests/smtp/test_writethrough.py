@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import socket
+import ssl
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from qmailtx.smtp.tls import ServerTLS
 from qmailtx.smtp.writethrough import writeNow
+from qmailtx.testing import makeTestCertificate
 
 
 class Capture(Protocol):
@@ -70,6 +74,28 @@ class RealSocketTests(TestCase):
         while not received.endswith(b"\r\n"):
             received += await deferLater(reactor, 0.01, client.recv, 100)
         self.assertEqual(received, b"first second\r\n")
+
+    async def test_afterStartTLSWritesGoThroughTLS(self) -> None:
+        """Once STARTTLS has begun, a reply written raw would break the client's
+        TLS: it must go through the TLS layer, even before the handshake ends."""
+        server, client = await self.connection()
+        cert, key = makeTestCertificate(self.mktemp())
+        tls = ServerTLS(cert, key)
+        tls.load()
+        transport = server.transport
+        transport.startTLS(tls)  # type: ignore[union-attr]
+        writeNow(transport, b"250 inside\r\n")
+        self.assertEqual(transport.dataBuffer, b"")  # type: ignore[union-attr]
+
+        def clientSide() -> bytes:
+            context = ssl.create_default_context(cafile=cert)
+            wrapped = context.wrap_socket(client, server_hostname="mx.test")
+            received = b""
+            while not received.endswith(b"\r\n"):
+                received += wrapped.recv(100)
+            return received
+
+        self.assertEqual(await deferToThread(clientSide), b"250 inside\r\n")
 
 
 class OtherTransportTests(SynchronousTestCase):

@@ -594,3 +594,25 @@ class FailureTests(AdminTestCase):
     def test_usageErrorJson(self) -> None:
         out = self.json_("domain", code=2)
         self.assertIn("required", out["error"])
+
+
+class PolicyListingTests(AdminTestCase):
+    def test_listsEachListenersStages(self) -> None:
+        code, out, _ = self.run_("policies")
+        self.assertEqual(code, 0)
+        self.assertIn(
+            "smtp (tcp:2525:interface=127.0.0.1): MAIL: -; "
+            "RCPT: badmailfrom, nullsender, badrcptto, relay, rcptcheck; DATA: exeblock",
+            out,
+        )
+        code, out, _ = self.run_("--json", "policies")
+        listeners = {entry["listener"]: entry for entry in json.loads(out)}
+        self.assertEqual(listeners["submission"]["stages"]["DATA"], ["exeblock"])
+        self.assertTrue(listeners["smtps"]["implicitTLS"])
+
+    def test_unknownPolicyIsReported(self) -> None:
+        with open(self.config, "a") as f:
+            f.write('\n[submission]\npolicies = ["relay", "nosuch"]\n')
+        code, _, err = self.run_("policies")
+        self.assertEqual(code, 1)
+        self.assertIn("unknown policy 'nosuch'", err)

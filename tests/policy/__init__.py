@@ -1,0 +1,1 @@
+"""Tests for the built-in policies and their registry."""

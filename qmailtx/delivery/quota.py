@@ -223,7 +223,12 @@ class MaildirQuota:
 
     def check(self, size: int, count: int = 1) -> bool:
         """True when ``size`` more bytes in ``count`` more messages fit."""
-        return not isOverQuota(self._usageWith(size, count), self.limit, size, count)
+        return self.checkUsage(size, count)[0]
+
+    def checkUsage(self, size: int, count: int = 1) -> tuple[bool, QuotaUsage]:
+        """``check`` and the usage it found, from one read of maildirsize."""
+        usage = self._usageWith(size, count)
+        return not isOverQuota(usage, self.limit, size, count), usage
 
     def add(self, size: int, count: int = 1) -> None:
         """Append ``"<size> <count>\\n"`` (negative for removals) in one write.

@@ -365,8 +365,6 @@ class LocalDeliveryAgent:
             )
             return None
         quota = MaildirQuota(maildir, limit, clock=self.clock, fs=self.fs, host=self.writer.host)
-        if not quota.check(size, 1):
-            return self._overQuota(plan.address)  # full already: do not even write it
         # Written and fsync'd outside the lock, so deliveries into one Maildir
         # overlap; only check, link and count are serialised.
         pending = self.writer.prepare(

@@ -17,6 +17,7 @@ folder named in the config is scratch: it is emptied before the run.
 
     .venv/bin/python benchmarks/throughput.py -n 2000 -c 10 -l 1024
     .venv/bin/python benchmarks/throughput.py -n 1000 -c 10 -l 102400 --reuse
+    .venv/bin/python benchmarks/throughput.py --user virtual-quota   # or BENCH_USER=...
 
 The Python client costs CPU too (shown as "client CPU"); on a small machine it
 competes with the server, so the harness in vs_postfix.sh (smtp-source, C)
@@ -69,13 +70,28 @@ def readTarget(configPath: str) -> Target:
     return Target(m.group(2) or "127.0.0.1", int(m.group(1)), os.path.normpath(data))
 
 
-def prepare(target: Target) -> None:
-    """Empty the scratch data folder and create the bench user's Maildir."""
+USER_KINDS = ("folder", "virtual", "virtual-quota")
+
+
+def prepare(target: Target, kind: str, qmailctl: list[str]) -> None:
+    """Empty the scratch data folder and create the bench user.
+
+    ``folder``: the user's folder in the control-file local domain;
+    ``virtual``, ``virtual-quota``: a user of the user database (with a 10GB
+    quota), made by ``qmailctl`` as an administrator would. The Maildir is
+    the same path in every case.
+    """
     if not target.data.startswith("/tmp/"):
         raise SystemExit(f"refusing to empty {target.data}: not under /tmp")
     shutil.rmtree(target.data, ignore_errors=True)
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(target.maildir, sub))
+    if kind == "folder":
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(target.maildir, sub))
+        return
+    quota = ["--quota", "10GB"] if kind == "virtual-quota" else []
+    subprocess.run([*qmailctl, "domain", "add", DOMAIN], check=True, cwd=ROOT)
+    add = [*qmailctl, "user", "add", ADDRESS, "--password-stdin", *quota]
+    subprocess.run(add, input=b"bench\n", check=True, cwd=ROOT)
 
 
 def countMaildir(maildir: str) -> int:
@@ -240,13 +256,22 @@ def main() -> int:
     ap.add_argument(
         "--twistd", default=defaultTwistd if os.path.exists(defaultTwistd) else "twistd"
     )
+    ap.add_argument(
+        "--user",
+        choices=USER_KINDS,
+        default=os.environ.get("BENCH_USER", "folder"),
+        help="how bench@bench.test exists (default: $BENCH_USER, else folder)",
+    )
     ap.add_argument("--log", default="/tmp/qmailtx-throughput.log", help="server output (appended)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for delivery")
     args = ap.parse_args()
 
     config = os.path.abspath(args.config)
     target = readTarget(config)
-    prepare(target)
+    qmailctl = os.path.join(os.path.dirname(args.twistd), "qmailctl")
+    if not os.path.exists(qmailctl):
+        qmailctl = "qmailctl"
+    prepare(target, args.user, [qmailctl, "--config", config])
     proc = startServer(
         [args.twistd, "-n", "--pidfile=", "qmailtx", "--config", config], target, args.log
     )
@@ -277,6 +302,7 @@ def main() -> int:
     how = "reused connections" if args.reuse else "one connection per message"
     rows = [
         ("load", f"{args.messages} x {args.size} B, {args.concurrency} clients, {how}"),
+        ("user", f"{ADDRESS}: {args.user}"),
         ("accepted", f"{sent / (t1 - t0):8.1f} msg/s  ({t1 - t0:.2f} s)"),
         ("in Maildir", f"{n / (t2 - t0):8.1f} msg/s  ({t2 - t0:.2f} s)"),
         ("server CPU", f"{1000 * cpu / args.messages:8.3f} ms/msg  ({cpu:.2f} s)"),

@@ -11,6 +11,11 @@
 #                  /tmp/qmailtx-bench.jsonl, appended), --log FILE
 # environment      BENCH=../shared/bench (relative to the checkout)
 #                  BENCH_REF=none to run qmailtx alone
+#                  BENCH_USER=folder (default): bench@bench.test is the plain
+#                    folder of the control-file local domain bench.test;
+#                  BENCH_USER=virtual: a user of the user database, made with
+#                    qmailctl (domain add, user add) before the server starts;
+#                  BENCH_USER=virtual-quota: the same with a 10GB Maildir++ quota
 #
 # Examples (as root, from anywhere):
 #   bash benchmarks/vs_postfix.sh 1024   -n 2000 -c 10 -r 5
@@ -19,9 +24,10 @@
 #
 # Uses benchmarks/bench.toml: SMTP on 127.0.0.1:2640, data in
 # /tmp/bench-qmailtx (wiped at the start: it is scratch), the bench user's
-# Maildir /tmp/bench-qmailtx/domains/bench.test/bench/Maildir. The servers'
-# output goes to /tmp/mtabench-server.log; after the run this script reports
-# qmailtx errors found in it and anything left in the queue.
+# Maildir /tmp/bench-qmailtx/domains/bench.test/bench/Maildir (the same path
+# for every BENCH_USER). The servers' output goes to /tmp/mtabench-server.log;
+# after the run this script reports qmailtx errors found in it and anything
+# left in the queue.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -42,13 +48,25 @@ done
 prev=
 for a in "$@"; do [ "$prev" = --log ] && LOG=$a; prev=$a; done
 
-# Scratch: start from an empty data folder (queue included) and the Maildir.
+# Scratch: start from an empty data folder (queue included) and the bench user.
 rm -rf -- "$DATA"
-mkdir -p "$MD"/{tmp,new,cur}
+CTL=("$ROOT/.venv/bin/qmailctl" --config "$ROOT/benchmarks/bench.toml")
+LABEL=qmailtx
+case ${BENCH_USER:=folder} in
+folder) mkdir -p "$MD"/{tmp,new,cur} ;;
+virtual | virtual-quota)
+    LABEL=qmailtx-$BENCH_USER
+    quota=()
+    [ "$BENCH_USER" = virtual-quota ] && quota=(--quota 10GB)
+    "${CTL[@]}" domain add bench.test
+    echo bench | "${CTL[@]}" user add bench@bench.test --password-stdin "${quota[@]}"
+    ;;
+*) echo "BENCH_USER must be folder, virtual or virtual-quota, not $BENCH_USER" >&2; exit 2 ;;
+esac
 logStart=$(stat -c %s "$LOG" 2>/dev/null || echo 0)
 
 status=0
-bash "$BENCH/smtp_throughput.sh" "$QTX" 2640 "$MD" -l "$SIZE" --label qmailtx \
+bash "$BENCH/smtp_throughput.sh" "$QTX" 2640 "$MD" -l "$SIZE" --label "$LABEL" \
     "${json[@]}" "$@" || status=$?
 
 # After the run: qmailtx errors in its log, messages left in its queue.

@@ -352,39 +352,53 @@ class LocalDeliveryAgent:
         prefix = returnPathLines(message.sender, plan.address)
         size = len(prefix) + message.messageLength
         owned = plan.owner is not None and os.path.join(plan.home, "Maildir") == maildir
-        limit = plan.owner.quota if owned and plan.owner else None
-        if limit is None or limit.unlimited:
-            # No quota of the user's own: a maildirsize already there still
-            # counts (qmail's maildir++ patch), with its own definition.
+        if owned:
+            # The user database is the truth for a user's own Maildir (a
+            # maildirsize left from an old quota does not count).
+            limit = plan.owner.quota if plan.owner is not None else None
+        else:
+            # Other Maildirs count only a maildirsize they have (qmail's
+            # maildir++ patch), with its own definition.
             limit = maildirsizeLimit(maildir)
-        if limit is None:
+        if limit is None or limit.unlimited:
             self.writer.deliver(
                 maildir, prefix, source, message.messageOffset, message.messageLength
             )
             return None
-        quota = MaildirQuota(maildir, limit, clock=self.clock, fs=self.fs)
-        with quota.locked():
-            before = quota.usage()
-            if not quota.check(size, 1):
-                return self._overQuota(plan.address)
-            self.writer.deliver(
-                maildir, prefix, source, message.messageOffset, message.messageLength
-            )
-            try:
-                quota.add(size, 1)
-            except OSError as e:
-                # The message is in new/ already: do not deliver it twice
-                # for want of a usage line. The next recount corrects it.
-                log.warn(
-                    "maildirsize of {maildir} not updated: {error}",
-                    maildir=maildir,
-                    error=e.strerror,
-                )
+        quota = MaildirQuota(maildir, limit, clock=self.clock, fs=self.fs, host=self.writer.host)
+        # Written and fsync'd outside the lock, so deliveries into one Maildir
+        # overlap; only check, link and count are serialised.
+        pending = self.writer.prepare(
+            maildir, prefix, source, message.messageOffset, message.messageLength
+        )
+        try:
+            with quota.locked():
+                fits, before = quota.checkUsage(size, 1)
+                if not fits:
+                    return self._overQuota(plan.address)
+                self.writer.publish(pending)
+                self._count(quota, size, maildir)
+            self.fs.syncDirectory(os.path.join(maildir, "new"))
+        except BaseException:
+            self.writer.unpublish(pending)
+            raise
+        finally:
+            self.writer.discard(pending)
         percent = self.settings.warnPercent
         after = QuotaUsage(before.bytes + size, before.count + 1)
         if owned and percent and crossedPercent(before, after, quota.limit, percent):
             self._warn(maildir, plan.address, after, quota.limit)
         return None
+
+    def _count(self, quota: MaildirQuota, size: int, maildir: str) -> None:
+        try:
+            quota.add(size, 1)
+        except OSError as e:
+            # The message is in new/ already: do not deliver it twice for
+            # want of a usage line. The next recount corrects it.
+            log.warn(
+                "maildirsize of {maildir} not updated: {error}", maildir=maildir, error=e.strerror
+            )
 
     def _overQuota(self, address: str) -> DeliveryResult:
         if self.settings.overQuota == "defer":

@@ -7,12 +7,14 @@ as written (Maildir++ quota and Dovecot read it).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from qmailtx.fs import FileSystem, unlinkQuietly
 
@@ -21,8 +23,13 @@ _lock = threading.Lock()
 
 
 def maildirHostName(name: str | None = None) -> str:
-    host = name or socket.gethostname() or "localhost"
+    host = name or _systemHostName()
     return host.replace("/", "\\057").replace(":", "\\072")
+
+
+@functools.cache
+def _systemHostName() -> str:
+    return socket.gethostname() or "localhost"
 
 
 class MaildirWriter:
@@ -54,9 +61,24 @@ class MaildirWriter:
         nothing behind in ``tmp/`` or ``new/`` and is the caller's to classify
         (always temporary unless the Maildir itself is missing).
         """
+        pending = self.prepare(maildir, prefix, sourceFd, offset, length)
+        try:
+            self.publish(pending)
+            self.fs.syncDirectory(os.path.join(maildir, "new"))
+        except BaseException:
+            self.unpublish(pending)
+            raise
+        finally:
+            self.discard(pending)
+        return pending.name
+
+    def prepare(
+        self, maildir: str, prefix: bytes, sourceFd: int, offset: int, length: int
+    ) -> PendingMessage:
+        """The first half of ``deliver``: the message written and fsync'd, not
+        yet in ``new/``. Follow with ``publish``, then always ``discard``."""
         size = len(prefix) + length
         tmpDir = os.path.join(maildir, "tmp")
-        newDir = os.path.join(maildir, "new")
         for _ in range(3):
             name = self.uniqueName(size)
             try:
@@ -66,30 +88,55 @@ class MaildirWriter:
                 continue
         else:
             raise OSError("could not find a unique Maildir name")
-        linked = None
+        pending = PendingMessage(maildir, fd, tmp, name, size)
         try:
             self.fs.write(fd, prefix)
             self.fs.copyRange(sourceFd, fd, offset, length)
             self.fs.fsync(fd)
-            for _ in range(3):
-                try:
-                    self.fs.linkInto(fd, tmp, os.path.join(newDir, name))
-                    linked = os.path.join(newDir, name)
-                    break
-                except FileExistsError:
-                    name = self.uniqueName(size)
-            else:
-                raise OSError("could not find a unique Maildir name")
-            self.fs.syncDirectory(newDir)
         except BaseException:
-            if linked is not None:
-                unlinkQuietly(self.fs, linked)
+            self.discard(pending)
             raise
-        finally:
-            self.fs.close(fd)
-            if tmp is not None:
-                unlinkQuietly(self.fs, tmp)
-        return name
+        return pending
+
+    def publish(self, pending: PendingMessage) -> None:
+        """Link a prepared message into ``new/`` (not yet fsync'd: the caller
+        syncs ``new/`` before reporting success)."""
+        newDir = os.path.join(pending.maildir, "new")
+        for _ in range(3):
+            try:
+                self.fs.linkInto(pending.fd, pending.tmp, os.path.join(newDir, pending.name))
+                pending.linked = True
+                return
+            except FileExistsError:
+                pending.name = self.uniqueName(pending.size)
+        raise OSError("could not find a unique Maildir name")
+
+    def discard(self, pending: PendingMessage) -> None:
+        """Close the prepared file; remove its tmp/ name if it has one."""
+        if pending.fd >= 0:
+            self.fs.close(pending.fd)
+            pending.fd = -1
+        if pending.tmp is not None:
+            unlinkQuietly(self.fs, pending.tmp)
+            pending.tmp = None
+
+    def unpublish(self, pending: PendingMessage) -> None:
+        """Take a published message out of ``new/`` again (its delivery failed)."""
+        if pending.linked:
+            unlinkQuietly(self.fs, os.path.join(pending.maildir, "new", pending.name))
+            pending.linked = False
+
+
+@dataclass
+class PendingMessage:
+    """A message written into a Maildir's tmp/ (perhaps unnamed), not yet delivered."""
+
+    maildir: str
+    fd: int
+    tmp: str | None
+    name: str
+    size: int
+    linked: bool = False
 
 
 def makeMaildir(fs: FileSystem, path: str) -> None:

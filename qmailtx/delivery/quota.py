@@ -47,7 +47,6 @@ STALE_AFTER = 15 * 60  # seconds after which an over-quota answer is rechecked
 MAX_SCANS = 5  # recounts tried while the Maildir keeps changing under us
 
 _DEFINITION = re.compile(r"(\d+)([SC])\Z")
-_DELTA = re.compile(rb"[ \t]*(-?\d+)[ \t]+(-?\d+)[ \t]*\Z")
 _counter = itertools.count(1)
 _counterLock = threading.Lock()
 
@@ -107,12 +106,15 @@ def parseMaildirSize(data: bytes) -> MaildirSize:
     except UnicodeDecodeError as e:
         raise MaildirSizeError("maildirsize definition is not ASCII") from e
     size = count = 0
-    for line in lines[1:]:
-        m = _DELTA.match(line)
-        if m is None:
-            raise MaildirSizeError(f"not a maildirsize delta line: {line!r}")
-        size += int(m.group(1))
-        count += int(m.group(2))
+    try:
+        if b"_" in data:
+            raise ValueError("underscore")  # int() would take "1_000"
+        for line in lines[1:]:
+            bytesPart, countPart = line.split()  # courier pads with spaces
+            size += int(bytesPart)
+            count += int(countPart)
+    except ValueError as e:
+        raise MaildirSizeError(f"not a maildirsize delta line in {data[:80]!r}") from e
     return MaildirSize(limit, QuotaUsage(size, count), len(lines) - 1)
 
 
@@ -223,7 +225,12 @@ class MaildirQuota:
 
     def check(self, size: int, count: int = 1) -> bool:
         """True when ``size`` more bytes in ``count`` more messages fit."""
-        return not isOverQuota(self._usageWith(size, count), self.limit, size, count)
+        return self.checkUsage(size, count)[0]
+
+    def checkUsage(self, size: int, count: int = 1) -> tuple[bool, QuotaUsage]:
+        """``check`` and the usage it found, from one read of maildirsize."""
+        usage = self._usageWith(size, count)
+        return not isOverQuota(usage, self.limit, size, count), usage
 
     def add(self, size: int, count: int = 1) -> None:
         """Append ``"<size> <count>\\n"`` (negative for removals) in one write.

@@ -426,6 +426,10 @@ class QuotaTests(_Fixture, SynchronousTestCase):
         self.assertEqual(self.deliver("alice@example.com", 5000).outcome, Outcome.DELIVERED)
         self.assertFalse(os.path.exists(os.path.join(self.maildir("alice"), "maildirsize")))
 
+    def test_staleMaildirsizeOfAUserWithoutQuotaIsIgnored(self) -> None:
+        self.writeFile(os.path.join(self.maildir("alice"), "maildirsize"), "100S\n0 0\n")
+        self.assertEqual(self.deliver("alice@example.com", 500).outcome, Outcome.DELIVERED)
+
     def test_maildirLineHonoursAnExistingMaildirsize(self) -> None:
         shared = os.path.join(self.data, "shared", "Maildir")
         makeMaildir(FileSystem(), shared)

@@ -55,6 +55,9 @@ class SMTPConfig:
     )
     # AUTH PLAIN/LOGIN offered over unencrypted, non-loopback connections.
     auth_before_tls: bool = False
+    # Offer CRAM-MD5 (it works only in domains with clear passwords, so it is
+    # off unless asked for; clients that pick it and fail may not fall back).
+    cram_md5: bool = False
     # Unknown recipients (rcptcheck) one connection may try before every
     # further RCPT is refused (chkuser's limit; 0: no limit).
     max_bad_recipients: int = 10
@@ -319,6 +322,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
             "auth_before_tls", _bool, "true or false", smtpDefaults.auth_before_tls
         ),
         max_bad_recipients=smtp.integer("max_bad_recipients", smtpDefaults.max_bad_recipients),
+        cram_md5=smtp.get("cram_md5", _bool, "true or false", smtpDefaults.cram_md5),
     )
     smtp.finish()
 

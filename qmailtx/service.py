@@ -3,8 +3,9 @@
 Children, by name, in start order: ``workers`` (the thread pool for disk
 work), ``domains`` (the user database's hosted domains, kept fresh),
 ``queue`` (the queue manager), ``trigger`` (wake-ups from
-qmailtx-queue), ``smtp`` (one listening service per
-``[smtp] listen`` endpoint). Stopping runs in reverse: listeners close,
+qmailtx-queue), ``tls`` (the certificate, reloaded on SIGHUP; only with
+``[tls]``), then one service per listener kind with endpoints: ``smtp``,
+``submission``, ``smtps``. Stopping runs in reverse: listeners close,
 running deliveries finish, then the pool stops.
 """
 
@@ -180,6 +181,7 @@ def makeMailService(
             warnPercent=config.delivery.quota_warning_percent,
             delimiters=config.delivery.recipient_delimiter,
             programTimeout=config.delivery.program_timeout,
+            timezone=config.timezone,
         ),
         users,
         store,
@@ -193,7 +195,9 @@ def makeMailService(
         QueueSettings(
             concurrency={"local": control.concurrencylocal, "remote": control.concurrencyremote},
             lifetime=control.queuelifetime,
-            bounce=BounceSettings.fromControl(control, config.queue.bounce_body_bytes),
+            bounce=BounceSettings.fromControl(
+                control, config.queue.bounce_body_bytes, config.timezone
+            ),
         ),
     )
     manager.setName("queue")
@@ -215,7 +219,13 @@ def makeMailService(
     tls = _makeTLS(config, runner)
     if tls is not None:
         tls.setServiceParent(top)  # before the listeners: it loads the files
-    portal = makePortal(users, runner, "smtp", MailRealm(users, config.paths.data))
+    portal = makePortal(
+        users,
+        runner,
+        "smtp",
+        MailRealm(users, config.paths.data),
+        hashedSecrets=config.smtp.cram_md5,
+    )
     throttle = AuthThrottle(reactor)
     for listener in config.listeners:
         if listener.listen:
@@ -323,3 +333,10 @@ def _reportStartup(config: Config) -> None:
         )
     if config.pop3.listen:
         log.warn("[pop3] listen is set, but this version of qmailtx has no POP3 server yet")
+    listed = {name for listener in config.listeners for name in listener.policies}
+    if config.control.mfcheck and "mfcheck" not in listed:
+        log.warn(
+            "control mfcheck is {level}, but no listener lists the mfcheck policy:"
+            " sender domains are not checked",
+            level=config.control.mfcheck,
+        )

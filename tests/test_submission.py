@@ -37,6 +37,7 @@ LISTENERS = """
 listen = ["tcp:0:interface=127.0.0.1"]
 relay_clients = []
 policies = ["relay"]
+cram_md5 = true
 [submission]
 listen = ["tcp:0:interface=127.0.0.1"]
 policies = ["relay"]
@@ -66,13 +67,14 @@ def readReply(sock: socket.socket | ssl.SSLSocket) -> list[str]:
 class Server:
     """A started makeMailService with TLS, users and all three listeners."""
 
-    def __init__(self, test: TestCase, extra: str = "") -> None:
+    def __init__(self, test: TestCase, extra: str = "", cramMD5: bool = True) -> None:
         folder = os.path.abspath(test.mktemp())
         self.certPath, self.keyPath = makeTestCertificate(
             os.path.join(folder, "tls"), "mx.test", serial=1111
         )
         tls = f'[tls]\ncertificate = "{self.certPath}"\nkey = "{self.keyPath}"\n'
-        self.config: Config = makeTestConfig(folder, LISTENERS + tls + extra)
+        listeners = LISTENERS if cramMD5 else LISTENERS.replace("cram_md5 = true\n", "")
+        self.config: Config = makeTestConfig(folder, listeners + tls + extra)
         users = makeTestUsers(
             self.config.users.database, {ALICE: ALICE_PASSWORD, BOB: BOB_PASSWORD}
         )
@@ -218,6 +220,19 @@ class SubmissionTests(TestCase):
         self.assertEqual(early, (530, b"5.7.0 authentication required"))
         self.assertEqual(still, (530, b"5.7.0 authentication required"))
         self.assertEqual(late[0], 250)
+
+    async def test_cramMD5OnlyWhenConfigured(self) -> None:
+        server = await Server(self, cramMD5=False).start(self)
+
+        def offered() -> str:
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", server.ports["smtps"], timeout=10, context=server.trusting()
+            ) as client:
+                client.ehlo("laptop.example")
+                return str(client.esmtp_features["auth"])
+
+        # smtplib joins the "AUTH" and "AUTH=" lines
+        self.assertEqual(set((await deferToThread(offered)).split()), {"LOGIN", "PLAIN"})
 
     async def test_smtpsWithCramMD5(self) -> None:
         server = await Server(self).start(self)

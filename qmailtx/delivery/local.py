@@ -85,6 +85,7 @@ class LocalSettings:
     warnPercent: int = 90  # 0: no quota warnings
     delimiters: str = "-"
     programTimeout: float = 3600.0
+    timezone: str = ""  # dates of generated mail ("": local)
 
 
 def returnPathLines(sender: Address, address: str) -> bytes:
@@ -407,7 +408,13 @@ class LocalDeliveryAgent:
 
     def _warn(self, maildir: str, address: str, usage: QuotaUsage, limit: QuotaLimit) -> None:
         warning = quotaWarning(
-            address, self.settings.warnPercent, usage, limit, self.clock(), self.settings.me
+            address,
+            self.settings.warnPercent,
+            usage,
+            limit,
+            self.clock(),
+            self.settings.me,
+            self.settings.timezone,
         )
         try:
             self.writer.deliver(maildir, warning, -1, 0, 0)
@@ -446,6 +453,7 @@ class LocalDeliveryAgent:
             p.header,
             now,
             f"{newMessageId(now)}.qmailtx@{self.settings.me}",
+            self.settings.timezone,
         )
         p.injections.append(Injection(Address.null(), [message.sender], content, "auto-reply"))
 
@@ -567,7 +575,13 @@ def maildirsizeLimit(maildir: str) -> QuotaLimit | None:
 
 
 def quotaWarning(
-    address: str, percent: int, usage: QuotaUsage, limit: QuotaLimit, now: float, me: str
+    address: str,
+    percent: int,
+    usage: QuotaUsage,
+    limit: QuotaLimit,
+    now: float,
+    me: str,
+    timezone: str = "",
 ) -> bytes:
     """vpopmail's quota warning, delivered into the mailbox itself."""
     used = f"{usage.bytes} of its {limit.bytes} bytes" if limit.bytes else ""
@@ -577,7 +591,7 @@ def quotaWarning(
         f"From: Mail Delivery System <MAILER-DAEMON@{me}>\n"
         f"To: {address}\n"
         f"Subject: Your mailbox is {percent}% full\n"
-        f"Date: {rfc5322Date(now)}\n"
+        f"Date: {rfc5322Date(now, timezone)}\n"
         f"Message-ID: <{newMessageId(now)}.quota@{me}>\n"
         "Auto-Submitted: auto-generated\n"
         "MIME-Version: 1.0\n"

@@ -366,6 +366,7 @@ def buildReply(
     header: bytes,
     now: float,
     messageId: str,
+    timezone: str = "",
 ) -> bytes:
     """The vacation reply to ``sender`` (LF line endings, ready for the queue).
 
@@ -404,7 +405,7 @@ def buildReply(
         f"From: <{_addressText(userAddress)}>",
         f"To: {to}",
         f"Subject: {_encodedSubject(subject)}",
-        f"Date: {rfc5322Date(now)}",
+        f"Date: {rfc5322Date(now, timezone)}",
         f"Message-ID: <{ownId}>",
     ]
     parentIds = _MSGID.findall(_first(fields, "message-id") or "")

@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
+from zoneinfo import ZoneInfo
 
 from qmailtx.address import Address
 from qmailtx.control import Control
@@ -35,9 +36,12 @@ class BounceSettings:
     doublebouncesubject: str
     doublebouncemessage: str
     bodyBytes: int = 0
+    timezone: str = ""  # for Date and Arrival-Date ("": local)
 
     @classmethod
-    def fromControl(cls, control: Control, bodyBytes: int = 0) -> BounceSettings:
+    def fromControl(
+        cls, control: Control, bodyBytes: int = 0, timezone: str = ""
+    ) -> BounceSettings:
         return cls(
             me=control.me,
             bouncefrom=control.bouncefrom,
@@ -49,6 +53,7 @@ class BounceSettings:
             doublebouncesubject=control.doublebouncesubject,
             doublebouncemessage=control.doublebouncemessage,
             bodyBytes=bodyBytes,
+            timezone=timezone,
         )
 
 
@@ -65,8 +70,11 @@ class Bounce:
     content: bytes
 
 
-def rfc5322Date(when: float) -> str:
-    """A Date header value in the local time zone with a numeric offset (P14)."""
+def rfc5322Date(when: float, timezone: str = "") -> str:
+    """A Date header value with a numeric offset (P14), in ``timezone`` (an
+    IANA name; "" for the system's local zone, which follows $TZ)."""
+    if timezone:
+        return format_datetime(datetime.fromtimestamp(when, ZoneInfo(timezone)))
     return format_datetime(datetime.fromtimestamp(when).astimezone())
 
 
@@ -135,7 +143,11 @@ def buildBounce(
         breakLine = "--- Below this line is the header of the message."
     human = intro + "\n" + "\n".join(qsbmfParagraph(f) for f in failures) + "\n" + breakLine + "\n"
 
-    dsn = [f"Reporting-MTA: dns; {settings.me}", f"Arrival-Date: {rfc5322Date(arrival)}", ""]
+    dsn = [
+        f"Reporting-MTA: dns; {settings.me}",
+        f"Arrival-Date: {rfc5322Date(arrival, settings.timezone)}",
+        "",
+    ]
     for f in failures:
         one = " ".join(f.text.split())
         dsn += [
@@ -148,7 +160,7 @@ def buildBounce(
 
     to = str(recipient)
     headers = [
-        f"Date: {rfc5322Date(now)}",
+        f"Date: {rfc5322Date(now, settings.timezone)}",
         f"From: {settings.bouncefrom}@{host}",
         f"To: {to}",
         f"Subject: {subject}",

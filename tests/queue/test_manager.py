@@ -18,6 +18,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from qmailtx.address import Address
+from qmailtx.control import buildControl
 from qmailtx.delivery.interfaces import (
     DeliveryResult,
     IDeliveryAgent,
@@ -26,7 +27,7 @@ from qmailtx.delivery.interfaces import (
     permanent,
     temporary,
 )
-from qmailtx.queue.bounce import BounceSettings
+from qmailtx.queue.bounce import BounceSettings, FailedRecipient, buildBounce
 from qmailtx.queue.disk import QueueDisk
 from qmailtx.queue.layout import DELIVERED, FAILED, TODO, QueuedMessage
 from qmailtx.queue.manager import QueueManager, QueueSettings
@@ -554,3 +555,20 @@ class PickUpTests(ManagerTestCase):
         look[2].callback(found)
         self.assertEqual(len(self.local.calls), 1)
         self.assertEqual(manager.messages, {})
+
+
+class BounceDateTests(SynchronousTestCase):
+    def test_datesInTheConfiguredZone(self) -> None:
+        control = buildControl({"me": "mx.test"}, {}, "test")
+        settings = BounceSettings.fromControl(control, 0, "Asia/Kolkata")
+        bounce = buildBounce(
+            settings,
+            Address("a", "b.example"),
+            [FailedRecipient(Address("x", "mx.test"), "Sorry. (#5.1.1)")],
+            b"Subject: hi\n",
+            None,
+            arrival=0.0,
+            now=0.0,
+        )
+        self.assertIn(b"Date: Thu, 01 Jan 1970 05:30:00 +0530\n", bounce.content)
+        self.assertIn(b"Arrival-Date: Thu, 01 Jan 1970 05:30:00 +0530\n", bounce.content)

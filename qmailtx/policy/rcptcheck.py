@@ -35,6 +35,7 @@ from qmailtx.domains import DomainTable
 from qmailtx.policy.interfaces import IRecipientCheck, ISMTPSession
 from qmailtx.policy.verdict import CONTINUE, Verdict, reject, tempfail
 from qmailtx.queue.store import Runner
+from qmailtx.vdomain.hosted import HostedDomains
 from qmailtx.vdomain.interfaces import DatabaseUnavailable, IUserStore
 
 if TYPE_CHECKING:
@@ -122,10 +123,17 @@ def _isFull(plan: Plan, maildir: str) -> bool:
 class RecipientCheck:
     """Ask the user database (in a worker) whether a hosted recipient exists."""
 
-    def __init__(self, store: IUserStore, runner: Runner, settings: RecipientSettings) -> None:
+    def __init__(
+        self,
+        store: IUserStore,
+        runner: Runner,
+        settings: RecipientSettings,
+        hosted: HostedDomains | None = None,
+    ) -> None:
         self.store = store
         self.runner = runner
         self.settings = settings
+        self.hosted = hosted
 
     def checkRecipient(
         self, session: ISMTPSession, recipient: Address
@@ -134,6 +142,11 @@ class RecipientCheck:
         if self.settings.maxBad and bad >= self.settings.maxBad:
             self._log("refused after too many unknown recipients", session, recipient, 550)
             return TOO_MANY
+        if self.hosted is not None and not self.hosted.contains(recipient.domain):
+            # Not a hosted domain (as far as the in-memory list knows): nothing
+            # to check, and no trip to a worker. A domain added this very
+            # second is checked by delivery instead, which bounces if need be.
+            return CONTINUE
         return Deferred.fromCoroutine(self._check(session, recipient))
 
     async def _check(self, session: ISMTPSession, recipient: Address) -> Verdict:
@@ -203,5 +216,5 @@ def register(registry: Registry, context: PolicyContext) -> None:
             overQuota=config.delivery.over_quota,
             maxBad=int(context.extra.get("max_bad_recipients", MAX_BAD_RECIPIENTS)),
         )
-        check = RecipientCheck(context.users, context.runner, settings)
+        check = RecipientCheck(context.users, context.runner, settings, context.hosted)
     registry.registerUtility(check, IRecipientCheck, name="rcptcheck")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -31,6 +32,7 @@ from qmailtx.queue.store import synchronousRunner
 from qmailtx.registry import PolicyContext, RegistryError, makeRegistry
 from qmailtx.smtp.session import SMTPSession
 from qmailtx.testing import SMTPServerHarness, makeTestConfig
+from qmailtx.vdomain.hosted import HostedDomains
 from qmailtx.vdomain.interfaces import DatabaseUnavailable
 from qmailtx.vdomain.layout import domainFolder, userFolder
 from qmailtx.vdomain.records import (
@@ -195,6 +197,26 @@ class RecipientCheckTests(_Fixture):
         self.assertIs(self.verdict(check, "nobody@example.com"), CONTINUE)
         self.store.setCatchAll("example.com", CatchAll(CatchAllAction.MAILBOX, "alice"))
         self.assertIs(self.verdict(check, "nobody@example.com"), CONTINUE)
+
+    def test_domainsNotHostedNeedNoWorker(self) -> None:
+        calls: list[object] = []
+
+        def runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            calls.append(f)
+            return synchronousRunner(f, *args)
+
+        hosted = HostedDomains(self.store, runner, Clock())
+        hosted.startService()
+        self.addCleanup(hosted.stopService)
+        calls.clear()
+        check = RecipientCheck(self.store, runner, self.settings, hosted)
+        session = SMTPSession("192.0.2.5", 4000)
+        self.assertIs(check.checkRecipient(session, Address("x", "elsewhere.example")), CONTINUE)
+        self.assertEqual(calls, [])
+        result = check.checkRecipient(session, Address("nobody", "example.com"))
+        assert isinstance(result, Deferred)
+        self.assertIs(self.successResultOf(result).kind, VerdictKind.REPLY)
+        self.assertEqual(calls, [lookupRecipient])
 
     def test_lookupRunsInTheWorker(self) -> None:
         pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []

@@ -88,6 +88,15 @@ class ListenerConfig:
 @dataclass(frozen=True)
 class POP3Config:
     listen: tuple[str, ...] = ()
+    # POP3S (RFC 8314, port 995): TLS from the first byte; from [pop3s] listen.
+    tls_listen: tuple[str, ...] = ()
+    # USER/PASS and AUTH PLAIN/LOGIN over unencrypted, non-loopback connections.
+    auth_before_tls: bool = False
+    # Offer APOP and SASL CRAM-MD5 (they work only in domains with clear passwords).
+    apop: bool = False
+    # Seconds of silence before autologout (RFC 1939: at least 10 minutes).
+    timeout: int = 600
+    max_bad_commands: int = 20
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         "submission",
         "smtps",
         "pop3",
+        "pop3s",
         "tls",
         "queue",
         "users",
@@ -358,8 +368,20 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
             raise ConfigError(f"{source}: [server] timezone: unknown zone {timezone!r}") from e
 
     pop3 = table("pop3")
-    pop3Config = POP3Config(listen=pop3.strings("listen", ()))
+    pop3s = table("pop3s")
+    pop3Defaults = POP3Config()
+    pop3Config = POP3Config(
+        listen=pop3.strings("listen", ()),
+        tls_listen=pop3s.strings("listen", ()),
+        auth_before_tls=pop3.get(
+            "auth_before_tls", _bool, "true or false", pop3Defaults.auth_before_tls
+        ),
+        apop=pop3.get("apop", _bool, "true or false", pop3Defaults.apop),
+        timeout=pop3.integer("timeout", pop3Defaults.timeout, 600),
+        max_bad_commands=pop3.integer("max_bad_commands", pop3Defaults.max_bad_commands, 1),
+    )
     pop3.finish()
+    pop3s.finish()
 
     tls = table("tls")
     cert = tls.string("certificate", None)

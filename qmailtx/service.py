@@ -5,7 +5,7 @@ work), ``domains`` (the user database's hosted domains, kept fresh),
 ``queue`` (the queue manager), ``trigger`` (wake-ups from
 qmailtx-queue), ``tls`` (the certificate, reloaded on SIGHUP; only with
 ``[tls]``), then one service per listener kind with endpoints: ``smtp``,
-``submission``, ``smtps``. Stopping runs in reverse: listeners close,
+``submission``, ``smtps``, and ``pop3`` (POP3 and POP3S). Stopping runs in reverse: listeners close,
 running deliveries finish, then the pool stops.
 """
 
@@ -36,6 +36,7 @@ from qmailtx.delivery.maildir import makeMaildir
 from qmailtx.delivery.unavailable import NoRemoteDelivery
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
+from qmailtx.pop3.factory import POP3ServerFactory, POP3Settings
 from qmailtx.queue.bounce import BounceSettings
 from qmailtx.queue.disk import QueueDisk
 from qmailtx.queue.filter import makeQueueFilter
@@ -240,8 +241,72 @@ def makeMailService(
                 throttle,
             ).setServiceParent(top)
 
+    if config.pop3.listen or config.pop3.tls_listen:
+        _listenPOP3(
+            reactor,
+            config,
+            users,
+            runner,
+            tls.tls if tls is not None else None,
+            throttle,
+        ).setServiceParent(top)
+
     _reportStartup(config)
     return top
+
+
+def _listenPOP3(
+    reactor: Any,
+    config: Config,
+    users: SQLiteUserStore,
+    runner: Any,
+    tls: ServerTLS | None,
+    throttle: AuthThrottle,
+) -> MultiService:
+    """The "pop3" service: ``[pop3] listen`` (STLS with ``[tls]``) and
+    ``[pop3s] listen`` (TLS from the first byte)."""
+    if config.pop3.tls_listen and tls is None:
+        raise ConfigError(
+            f"{config.source}: [pop3s] listen is set, but implicit TLS needs [tls] certificate"
+            " and key"
+        )
+    portal = makePortal(
+        users,
+        runner,
+        "pop3",
+        MailRealm(users, config.paths.data),
+        hashedSecrets=config.pop3.apop,
+    )
+    factory = POP3ServerFactory(
+        reactor, POP3Settings.fromConfig(config), portal, runner, tls, throttle, users
+    )
+    service = MultiService()
+    service.setName("pop3")
+    kinds: list[tuple[str, tuple[str, ...], IProtocolFactory]] = [
+        ("pop3", config.pop3.listen, factory)
+    ]
+    if config.pop3.tls_listen:
+        assert tls is not None
+        implicit = TLSMemoryBIOFactory(tls, False, factory.withImplicitTLS(), clock=reactor)
+        kinds.append(("pop3s", config.pop3.tls_listen, implicit))
+    for name, descriptions, serving in kinds:
+        for description in descriptions:
+            try:
+                endpoint = serverFromString(reactor, description)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(
+                    f"{config.source}: [{name}] listen: bad endpoint {description!r}: {e}"
+                ) from e
+            StreamServerEndpointService(endpoint, serving).setServiceParent(service)
+    log.info(
+        "POP3 on {listen}, POP3S on {tlsListen}; STLS {stls}; SASL {mechanisms}; APOP {apop}",
+        listen=", ".join(config.pop3.listen) or "nothing",
+        tlsListen=", ".join(config.pop3.tls_listen) or "nothing",
+        stls="on" if tls is not None else "off",
+        mechanisms=" ".join(factory.mechanisms(True)) or "none",
+        apop="on" if factory.offersAPOP else "off",
+    )
+    return service
 
 
 def _makeTLS(config: Config, runner: Any) -> TLSService | None:
@@ -331,8 +396,6 @@ def _reportStartup(config: Config) -> None:
             name=name,
             control=config.paths.control,
         )
-    if config.pop3.listen:
-        log.warn("[pop3] listen is set, but this version of qmailtx has no POP3 server yet")
     listed = {name for listener in config.listeners for name in listener.policies}
     if config.control.mfcheck and "mfcheck" not in listed:
         log.warn(

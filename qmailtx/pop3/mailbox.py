@@ -1,0 +1,359 @@
+"""A POP3 mailbox over a Maildir: the login snapshot, message bytes, the UPDATE state.
+
+Everything here is plain synchronous code: ``scanMaildir`` and ``commit``
+run in the worker threads; ``MessageStream`` reads one message file in
+chunks for the protocol's producer.
+
+- The snapshot is taken at login: the files of ``new/`` and ``cur/`` (dot
+  files skipped), oldest first (mtime, then name), as qmail-pop3d.
+- A message's UID is its Maildir base name (the file name up to ``:``),
+  as qmail-pop3d and courier: stable across sessions and flag changes.
+  A name that is not a valid RFC 1939 UID (printable ASCII, at most 70
+  characters) is replaced by the MD5 of the name.
+- Sizes are the octets RETR sends, without dot-stuffing (as RFC 1939
+  servers count them): line ends become CRLF (a CRLF stays one), and a
+  last line without a line end gets one. They come from one read of the
+  file, remembered in a ``SizeCache`` keyed by (UID, file size, mtime).
+- ``commit`` is the UPDATE state: deleted messages are unlinked (one that
+  is already gone counts as deleted), retrieved ones move from ``new/`` to
+  ``cur/`` with the ``S`` (seen) flag, and one ``-bytes -count`` line for
+  all the deletions goes to ``maildirsize`` when the Maildir has a quota.
+
+Several sessions may serve one Maildir at once (qmail-pop3d and Dovecot
+do): nothing is locked; a message that another session deleted or renamed
+is looked up again by UID and, when gone, answered with -ERR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from qmailtx.delivery.local import maildirsizeLimit
+from qmailtx.delivery.quota import MaildirQuota, quotaRoot, sizeFromName
+from qmailtx.vdomain.records import QuotaLimit
+
+READ_CHUNK = 256 * 1024
+SMALL_MESSAGE = 256 * 1024  # converted in one piece
+LONG_LINE = 64 * 1024  # a line longer than this is sent in pieces
+
+
+@dataclass
+class Message:
+    """One message of the snapshot."""
+
+    subdir: str  # "new" or "cur"
+    name: str  # the file name in subdir
+    uid: str
+    size: int  # octets as RETR sends them, before dot-stuffing
+    fileSize: int  # octets on disk (the quota counts these)
+    deleted: bool = False
+    retrieved: bool = False
+
+    def path(self, maildir: str) -> str:
+        return os.path.join(maildir, self.subdir, self.name)
+
+
+class SizeCache:
+    """CRLF sizes already counted, shared by all sessions (bounded, LRU)."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._sizes: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> int | None:
+        with self._lock:
+            size = self._sizes.get(key)
+            if size is not None:
+                self._sizes.move_to_end(key)
+            return size
+
+    def put(self, key: tuple[str, int, int], size: int) -> None:
+        with self._lock:
+            self._sizes[key] = size
+            while len(self._sizes) > self.limit:
+                self._sizes.popitem(last=False)
+
+
+def baseName(name: str) -> str:
+    return name.split(":", 1)[0]
+
+
+def uidOf(name: str) -> str:
+    base = baseName(name)
+    if 0 < len(base) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in base):
+        return base
+    return hashlib.md5(base.encode("utf-8", "surrogateescape")).hexdigest()  # noqa: S324 (a name, not a secret)
+
+
+def sentSize(f: BinaryIO) -> int:
+    """The octets ``MessageStream`` sends for the file's bytes, without dot-stuffing."""
+    total = crlf = lf = 0
+    previous = b""
+    last = b""
+    while chunk := f.read(READ_CHUNK):
+        total += len(chunk)
+        lf += chunk.count(b"\n")
+        crlf += chunk.count(b"\r\n")
+        if previous == b"\r" and chunk[:1] == b"\n":
+            crlf += 1
+        previous = last = chunk[-1:]
+    return total - crlf + lf + (2 if last not in (b"", b"\n") else 0)
+
+
+def scanMaildir(maildir: str, cache: SizeCache | None = None) -> list[Message]:
+    """The snapshot of ``new/`` and ``cur/`` (blocking). A file that vanishes
+    during the scan is left out. Raises OSError when the Maildir is unusable."""
+    found: list[tuple[int, str, Message]] = []
+    seen: set[str] = set()
+    for subdir in ("new", "cur"):
+        folder = os.path.join(maildir, subdir)
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if not e.name.startswith(".")]
+        for name in names:
+            uid = uidOf(name)
+            if uid in seen:
+                continue
+            path = os.path.join(folder, name)
+            try:
+                with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    key = (uid, st.st_size, st.st_mtime_ns)
+                    size = cache.get(key) if cache is not None else None
+                    if size is None:
+                        size = sentSize(f)
+                        if cache is not None:
+                            cache.put(key, size)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            seen.add(uid)
+            found.append((st.st_mtime_ns, name, Message(subdir, name, uid, size, st.st_size)))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return [m for _, _, m in found]
+
+
+def locate(maildir: str, message: Message) -> str | None:
+    """The message's current path, following a rename by another session
+    (new/ to cur/, or changed flags); None when it is gone."""
+    path = message.path(maildir)
+    if os.path.exists(path):
+        return path
+    base = baseName(message.name)
+    for subdir in ("cur", "new"):
+        try:
+            names = os.listdir(os.path.join(maildir, subdir))
+        except OSError:
+            continue
+        for name in names:
+            if name == base or name.startswith(base + ":"):
+                message.subdir, message.name = subdir, name
+                return os.path.join(maildir, subdir, name)
+    return None
+
+
+def openMessage(maildir: str, message: Message) -> BinaryIO | None:
+    """The message file opened for reading, or None when it is gone."""
+    for _ in range(3):  # renamed between locate and open: look again
+        path = locate(maildir, message)
+        if path is None:
+            return None
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            continue
+    return None
+
+
+class _Converter:
+    """File bytes to POP3 bytes: CRLF line ends and dot-stuffing, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.carry = b""
+        self.atLineStart = True
+
+    def feed(self, data: bytes) -> bytes:
+        if self.carry:
+            data = self.carry + data
+        nl = data.rfind(b"\n")
+        if nl < 0:
+            if len(data) <= LONG_LINE:
+                self.carry = data
+                return b""
+            # A very long line: send it in pieces, keeping a last CR back in
+            # case an LF follows.
+            keep = 1 if data.endswith(b"\r") else 0
+            part, self.carry = data[: len(data) - keep], data[len(data) - keep :]
+            if self.atLineStart and part.startswith(b"."):
+                part = b"." + part
+            self.atLineStart = False
+            return part
+        whole, self.carry = data[: nl + 1], data[nl + 1 :]
+        out = whole.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
+        if self.atLineStart and out.startswith(b"."):
+            out = b"." + out
+        self.atLineStart = True
+        return out
+
+    def finish(self) -> bytes:
+        """The rest, with the line end a last line lacks, and the terminating dot."""
+        rest, self.carry = self.carry, b""
+        if not rest:
+            return b".\r\n"
+        if self.atLineStart and rest.startswith(b"."):
+            rest = b"." + rest
+        return rest + b"\r\n.\r\n"
+
+
+def convertAll(data: bytes) -> bytes:
+    """A whole message as RETR sends it, terminating dot included."""
+    converter = _Converter()
+    return converter.feed(data) + converter.finish()
+
+
+class MessageStream:
+    """RETR (``lines`` None) or TOP (``lines`` body lines after the header) of
+    one open message file; ``read()`` gives the next piece, b"" at the end.
+    The terminating ``.\\r\\n`` is part of the last piece."""
+
+    def __init__(self, f: BinaryIO, lines: int | None = None) -> None:
+        self._file = f
+        self._lines = lines
+        self._converter = _Converter()
+        self._done = False
+        self._inHeader = True
+        self._bodyLines = 0
+        self._sourceAtLineStart = True
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def close(self) -> None:
+        self._done = True
+        self._file.close()
+
+    def read(self) -> bytes:
+        if self._done:
+            return b""
+        if self._lines is None:
+            chunk = self._file.read(READ_CHUNK)
+            if chunk:
+                out = self._converter.feed(chunk)
+                if len(chunk) == READ_CHUNK:
+                    return out
+                # A short read: most likely the end; check without a second piece.
+                more = self._file.read(READ_CHUNK)
+                if more:
+                    return out + self._converter.feed(more)
+                return out + self._end()
+            return self._end()
+        return self._readTop()
+
+    def _end(self) -> bytes:
+        tail = self._converter.finish()
+        self.close()
+        return tail
+
+    def _readTop(self) -> bytes:
+        assert self._lines is not None
+        out: list[bytes] = []
+        size = 0
+        while size < READ_CHUNK:
+            if not self._inHeader and self._sourceAtLineStart and self._bodyLines >= self._lines:
+                out.append(self._end())
+                return b"".join(out)
+            piece = self._file.readline(LONG_LINE)
+            if not piece:
+                out.append(self._end())
+                return b"".join(out)
+            ends = piece.endswith(b"\n")
+            if self._inHeader:
+                if self._sourceAtLineStart and piece in (b"\n", b"\r\n"):
+                    self._inHeader = False
+            elif ends:
+                self._bodyLines += 1
+            self._sourceAtLineStart = ends
+            converted = self._converter.feed(piece)
+            out.append(converted)
+            size += len(converted)
+        return b"".join(out)
+
+
+@dataclass
+class UpdateResult:
+    deleted: int = 0  # messages unlinked by this session
+    deletedBytes: int = 0
+    vanished: int = 0  # already gone (another session)
+    failed: list[str] = field(default_factory=list)  # could not be unlinked
+    seen: int = 0  # moved to cur/ or marked seen
+
+
+def _withSeenFlag(name: str) -> str:
+    base, sep, info = name.partition(":")
+    if not sep or not info.startswith("2,"):
+        return base + ":2,S"
+    flags = info[2:]
+    if "S" in flags:
+        return name
+    return f"{base}:2,{''.join(sorted(flags + 'S'))}"
+
+
+def commit(
+    maildir: str,
+    messages: list[Message],
+    quotaLimit: Callable[[], QuotaLimit | None] | None = None,
+) -> UpdateResult:
+    """The UPDATE state (blocking): unlink the deleted messages, mark the
+    retrieved ones seen, and record the freed space in maildirsize."""
+    result = UpdateResult()
+    for message in messages:
+        if message.deleted:
+            path = locate(maildir, message)
+            if path is None:
+                result.vanished += 1
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                result.vanished += 1
+                continue
+            except OSError:
+                result.failed.append(message.uid)
+                continue
+            result.deleted += 1
+            size = sizeFromName(message.name)
+            result.deletedBytes += size if size is not None else message.fileSize
+        elif message.retrieved:
+            path = locate(maildir, message)
+            if path is None:
+                continue
+            target = os.path.join(maildir, "cur", _withSeenFlag(message.name))
+            if target != path:
+                try:
+                    os.rename(path, target)
+                except OSError:
+                    continue
+            result.seen += 1
+    if result.deleted:
+        _recordDeletions(maildir, result, quotaLimit)
+    return result
+
+
+def _recordDeletions(
+    maildir: str, result: UpdateResult, quotaLimit: Callable[[], QuotaLimit | None] | None
+) -> None:
+    root = quotaRoot(maildir)
+    limit = quotaLimit() if quotaLimit is not None else None
+    if limit is None or limit.unlimited:
+        limit = maildirsizeLimit(root)
+    if limit is None or not os.path.exists(os.path.join(root, "maildirsize")):
+        return  # no quota: nothing to record (a later delivery recounts anyway)
+    quota = MaildirQuota(root, limit)
+    with quota.locked():
+        quota.add(-result.deletedBytes, -result.deleted)

@@ -1,0 +1,101 @@
+"""The Maildir side of POP3: sizes, conversion, UIDs, the UPDATE state."""
+
+from __future__ import annotations
+
+import io
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from qmailtx.delivery.maildir import makeMaildir
+from qmailtx.fs import FileSystem
+from qmailtx.pop3.mailbox import (
+    LONG_LINE,
+    MessageStream,
+    SizeCache,
+    commit,
+    convertAll,
+    scanMaildir,
+    sentSize,
+    uidOf,
+)
+
+SAMPLES = [
+    b"",
+    b"a",
+    b"a\n",
+    b"a\r\n",
+    b"a\r",
+    b".\n",
+    b"..\r\n.\n",
+    b"x\r\r\n.\n",
+    b"no final line end\n.last",
+    b"." + b"y" * (3 * LONG_LINE) + b"\r",
+    b"z" * LONG_LINE + b"\r" + b"\n.next\n",
+]
+
+
+def unstuffed(sent: bytes) -> bytes:
+    body = sent[:-3]
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n"))
+
+
+class ConversionTests(SynchronousTestCase):
+    def test_sizeIsWhatIsSentWithoutStuffing(self) -> None:
+        for data in SAMPLES:
+            sent = convertAll(data)
+            self.assertTrue(sent.endswith(b".\r\n"))
+            self.assertNotIn(b"\n", sent.replace(b"\r\n", b""))
+            self.assertEqual(sentSize(io.BytesIO(data)), len(unstuffed(sent)), data[:20])
+
+    def test_streamInAnyChunkingMatches(self) -> None:
+        for data in SAMPLES:
+            stream = MessageStream(io.BytesIO(data))
+            pieces = []
+            while not stream.done:
+                pieces.append(stream.read())
+            self.assertEqual(b"".join(pieces), convertAll(data))
+
+    def test_uids(self) -> None:
+        self.assertEqual(uidOf("123.M1P2.host,S=10:2,S"), "123.M1P2.host,S=10")
+        self.assertEqual(len(uidOf("name with spaces")), 32)
+        self.assertEqual(len(uidOf("x" * 71)), 32)
+
+
+class MaildirTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.maildir = os.path.abspath(self.mktemp())
+        makeMaildir(FileSystem(), self.maildir)
+
+    def put(self, subdir: str, name: str, data: bytes, mtime: int) -> None:
+        path = os.path.join(self.maildir, subdir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.utime(path, (mtime, mtime))
+
+    def test_snapshotOrderAndCache(self) -> None:
+        self.put("cur", "2.b:2,S", b"b\n", 20)
+        self.put("new", "1.a", b"a\n", 10)
+        self.put("new", ".hidden", b"x", 5)
+        cache = SizeCache()
+        messages = scanMaildir(self.maildir, cache)
+        self.assertEqual([(m.uid, m.size) for m in messages], [("1.a", 3), ("2.b", 3)])
+        self.assertEqual(cache.get(("1.a", 2, 10 * 10**9)), 3)
+
+    def test_commitWithoutQuotaFile(self) -> None:
+        self.put("new", "1.a,S=2", b"a\n", 10)
+        self.put("new", "2.b", b"b\n", 20)
+        messages = scanMaildir(self.maildir)
+        messages[0].deleted = True
+        messages[1].retrieved = True
+        result = commit(self.maildir, messages)
+        self.assertEqual((result.deleted, result.deletedBytes, result.seen), (1, 2, 1))
+        self.assertEqual(os.listdir(os.path.join(self.maildir, "cur")), ["2.b:2,S"])
+        self.assertFalse(os.path.exists(os.path.join(self.maildir, "maildirsize")))
+
+    def test_seenFlagKeepsOtherFlags(self) -> None:
+        self.put("cur", "1.a:2,RF", b"a\n", 10)
+        messages = scanMaildir(self.maildir)
+        messages[0].retrieved = True
+        commit(self.maildir, messages)
+        self.assertEqual(os.listdir(os.path.join(self.maildir, "cur")), ["1.a:2,FRS"])

@@ -133,6 +133,25 @@ class DeliveryConfig:
     program_timeout: int = 3600
 
 
+TLS_CHOICES = ("none", "opportunistic", "verify")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    # Outbound STARTTLS: "opportunistic" (any certificate; plaintext only when
+    # the server offers no STARTTLS), "verify" (certificate checked against
+    # the MX or relay name, else defer) or "none".
+    tls: str = "opportunistic"
+    # Per destination domain ("example.com" covers its subdomains too).
+    tls_policy: Mapping[str, str] = field(default_factory=dict)
+    # Simultaneous deliveries to one domain (concurrencyremote bounds them all).
+    concurrency_per_domain: int = 20
+    # More addresses of this host (P11): an MX pointing at one is refused.
+    ipme: tuple[str, ...] = ()
+    # The port of MX destinations (25; tests use others). smtproutes name their own.
+    port: int = 25
+
+
 @dataclass(frozen=True)
 class Config:
     paths: PathsConfig
@@ -150,6 +169,7 @@ class Config:
         default_factory=lambda: ListenerConfig("smtps", (), SUBMISSION_POLICIES, True, True)
     )
     dns: DNSConfig = field(default_factory=DNSConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     # The zone for dates in Received: lines and generated mail ("": the system's, or $TZ).
     timezone: str = ""
     source: str = "<built-in defaults>"
@@ -247,6 +267,21 @@ def dnsServers(config: DNSConfig) -> list[tuple[str, int]]:
     return found
 
 
+def _tlsPolicy(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise TypeError()
+    policy = {}
+    for domain, choice in v.items():
+        if choice not in TLS_CHOICES or not domain or any(c.isspace() for c in domain):
+            raise ValueError(f"{domain} = {choice!r}")
+        policy[domain.lower().rstrip(".")] = choice
+    return policy
+
+
+def _addresses(v: Any) -> tuple[str, ...]:
+    return tuple(str(ipaddress.ip_address(a.strip("[]"))) for a in _strings(v))
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise TypeError(v)
@@ -301,6 +336,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         "delivery",
         "server",
         "dns",
+        "remote",
         "control",
     }
     for key in document:
@@ -342,6 +378,24 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         timeout=dns.integer("timeout", DNSConfig.timeout, 1),
     )
     dns.finish()
+
+    remote = table("remote")
+    rDefaults = RemoteConfig()
+    tlsWhat = '"none", "opportunistic" or "verify"'
+    remoteConfig = RemoteConfig(
+        tls=remote.get("tls", _choice(*TLS_CHOICES), tlsWhat, rDefaults.tls),
+        tls_policy=remote.get(
+            "tls_policy", _tlsPolicy, f"a table of domain = {tlsWhat}", rDefaults.tls_policy
+        ),
+        concurrency_per_domain=remote.integer(
+            "concurrency_per_domain", rDefaults.concurrency_per_domain, 1
+        ),
+        ipme=remote.get("ipme", _addresses, "a list of IP addresses", ()),
+        port=remote.integer("port", rDefaults.port, 1),
+    )
+    remote.finish()
+    if remoteConfig.port > 65535:
+        raise ConfigError(f"{source}: [remote] port must be 1..65535")
 
     def listener(name: str, implicitTLS: bool) -> ListenerConfig:
         t = table(name)
@@ -456,6 +510,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         smtps=smtpsConfig,
         timezone=timezone,
         dns=dnsConfig,
+        remote=remoteConfig,
         source=source,
         unusedControlFiles=others,
     )

@@ -18,8 +18,8 @@ from typing import Any
 # Control files a qmail toaster may hold that later parts of qmailtx read, or
 # that belong to programs qmailtx replaces. Finding one is logged, not fatal.
 NOT_YET_USED = frozenset(
-    """morercpthosts.cdb percenthack smtproutes
-    helohost localiphost timeoutconnect timeoutremote outgoingip
+    """morercpthosts.cdb percenthack
+    localiphost
     defaultdomain defaulthost idhost plusdomain qmqpservers defaultdelivery
     servercert.pem clientcert.pem clientca.pem clientcrl.pem tlsclients tlsserverciphers
     tlsclientciphers tlshosts notlshosts dh512.pem dh1024.pem dh2048.pem rsa512.pem
@@ -59,6 +59,12 @@ class Control:
     morercpthosts: tuple[str, ...] = ()
     signatures: tuple[str, ...] = ()
     mfcheck: int = 0
+    # remote delivery (qmail-remote)
+    smtproutes: tuple[str, ...] = ()
+    outgoingip: tuple[str, ...] = ()
+    helohost: str = ""
+    timeoutremote: int = 1200
+    timeoutconnect: int = 60
 
 
 # name -> kind. "line": first line of the file / a TOML string; "int": a
@@ -89,6 +95,11 @@ KINDS: dict[str, str] = {
     "morercpthosts": "lines",
     "signatures": "lines",
     "mfcheck": "int",
+    "smtproutes": "lines",
+    "outgoingip": "lines",
+    "helohost": "line",
+    "timeoutremote": "int",
+    "timeoutconnect": "int",
 }
 assert set(KINDS) == {f.name for f in fields(Control)}
 
@@ -233,4 +244,9 @@ def buildControl(
         badrcptto=tuple(given.get("badrcptto", ())),
         signatures=tuple(given.get("signatures", ())),
         mfcheck=number("mfcheck", 0),
+        smtproutes=tuple(given.get("smtproutes", ())),
+        outgoingip=tuple(given.get("outgoingip", ())),
+        helohost=line("helohost", me),
+        timeoutremote=number("timeoutremote", 1200, minimum=1),
+        timeoutconnect=number("timeoutconnect", 60, minimum=1),
     )

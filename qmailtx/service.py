@@ -2,10 +2,11 @@
 
 Children, by name, in start order: ``workers`` (the thread pool for disk
 work), ``domains`` (the user database's hosted domains, kept fresh),
-``queue`` (the queue manager), ``trigger`` (wake-ups from
-qmailtx-queue), ``tls`` (the certificate, reloaded on SIGHUP; only with
-``[tls]``), then one service per listener kind with endpoints: ``smtp``,
-``submission``, ``smtps``, and ``pop3`` (POP3 and POP3S). Stopping runs in reverse: listeners close,
+``dns`` (the resolver for remote delivery), ``queue`` (the queue manager),
+``trigger`` (wake-ups from qmailtx-queue), ``tls`` (the certificate,
+reloaded on SIGHUP; only with ``[tls]``), then one service per listener
+kind with endpoints: ``smtp``, ``submission``, ``smtps``, and ``pop3``
+(POP3 and POP3S). Stopping runs in reverse: listeners close,
 running deliveries finish, then the pool stops.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -25,6 +27,7 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFromThreads,
     IReactorTime,
+    IResolver,
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -33,7 +36,9 @@ from qmailtx.address import Address
 from qmailtx.config import Config, ConfigError, ListenerConfig, dnsServers
 from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import makeMaildir
-from qmailtx.delivery.unavailable import NoRemoteDelivery
+from qmailtx.delivery.mx import MXResolver, makeResolver
+from qmailtx.delivery.remote import RemoteDeliveryAgent, RemoteSettings, ownAddresses
+from qmailtx.delivery.routes import parseOutgoingIP, parseSmtpRoutes
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
 from qmailtx.pop3.factory import POP3ServerFactory, POP3Settings
@@ -188,10 +193,11 @@ def makeMailService(
         store,
         reactor,
     )
+    remote = _makeRemote(reactor, config, store, runner, top)
     manager = QueueManager(
         reactor,
         store,
-        {"local": local, "remote": NoRemoteDelivery()},
+        {"local": local, "remote": remote},
         classify,
         QueueSettings(
             concurrency={"local": control.concurrencylocal, "remote": control.concurrencyremote},
@@ -307,6 +313,91 @@ def _listenPOP3(
         apop="on" if factory.offersAPOP else "off",
     )
     return service
+
+
+class ResolverService(Service):
+    """Owns the process's DNS resolver (twisted.names) for remote delivery.
+
+    The resolver is made at start, as one reading /etc/resolv.conf re-reads
+    it on a timer, and that timer is cancelled at stop. Its lookups are
+    offered here, so users can hold this service from the beginning.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._resolver: Any = None
+
+    def _current(self) -> Any:
+        if self._resolver is None:
+            self._resolver = self._make()
+        return self._resolver
+
+    def lookupMailExchange(self, name: str, timeout: Any = None) -> Any:
+        return self._current().lookupMailExchange(name, timeout)
+
+    def lookupAddress(self, name: str, timeout: Any = None) -> Any:
+        return self._current().lookupAddress(name, timeout)
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> Any:
+        return self._current().lookupIPV6Address(name, timeout)
+
+    def startService(self) -> None:
+        super().startService()
+        self._current()
+
+    def stopService(self) -> None:
+        super().stopService()
+        call = getattr(self._resolver, "_parseCall", None)
+        if call is not None and call.active():
+            call.cancel()
+        self._resolver = None
+
+
+def _makeRemote(
+    reactor: Any, config: Config, store: QueueStore, runner: Any, top: MultiService
+) -> RemoteDeliveryAgent:
+    """The remote channel: one MX resolver for the process, smtproutes, outgoingip."""
+    control, remote = config.control, config.remote
+    try:
+        routes = parseSmtpRoutes(control.smtproutes)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: smtproutes: {e}") from e
+    try:
+        outgoing = parseOutgoingIP(control.outgoingip)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: outgoingip: {e}") from e
+    timeout = (1, max(config.dns.timeout - 1, 1))
+    listeners = [d for listener in config.listeners for d in listener.listen]
+    ours, alwaysOurs = ownAddresses(remote.ipme, listeners, remote.port)
+    dnsService = ResolverService(
+        lambda: makeResolver(reactor, dnsServers(config.dns) or None, timeout)
+    )
+    dnsService.setName("dns")
+    dnsService.setServiceParent(top)
+    resolver = MXResolver(
+        cast(IResolver, dnsService),  # the three lookups MXResolver uses
+        reactor,
+        ours,
+        timeout,
+        alwaysLocal=alwaysOurs,
+        mxPort=remote.port,
+    )
+    return RemoteDeliveryAgent(
+        reactor,
+        lambda message: store.readMessage(message, message.messageLength),
+        runner,
+        resolver.destinations,
+        RemoteSettings(
+            heloName=control.helohost,
+            routes=routes,
+            outgoing=outgoing,
+            tls=remote.tls,
+            tlsPolicy=dict(remote.tls_policy),
+            perDomain=remote.concurrency_per_domain,
+            replyTimeout=float(control.timeoutremote),
+            connectTimeout=float(control.timeoutconnect),
+        ),
+    )
 
 
 def _makeTLS(config: Config, runner: Any) -> TLSService | None:

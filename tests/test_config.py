@@ -145,3 +145,61 @@ class ControlDirectoryTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             self.parse()
         self.assertIn("control file concurrencyremote", str(caught.exception))
+
+
+class RemoteSettingsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        config = defaultConfig("/srv/mail")
+        remote, control = config.remote, config.control
+        self.assertEqual((remote.tls, dict(remote.tls_policy)), ("opportunistic", {}))
+        self.assertEqual((remote.concurrency_per_domain, remote.ipme, remote.port), (20, (), 25))
+        self.assertEqual((control.smtproutes, control.outgoingip), ((), ()))
+        self.assertEqual(control.helohost, control.me)
+        self.assertEqual((control.timeoutremote, control.timeoutconnect), (1200, 60))
+
+    def test_remoteTable(self) -> None:
+        config = parseConfig(
+            '[remote]\ntls = "verify"\ntls_policy = { "Old.Example" = "none" }\n'
+            'concurrency_per_domain = 5\nipme = ["192.0.2.1", "[::1]"]\nport = 2525\n',
+            "/x",
+        )
+        self.assertEqual(config.remote.tls, "verify")
+        self.assertEqual(dict(config.remote.tls_policy), {"old.example": "none"})
+        self.assertEqual(config.remote.concurrency_per_domain, 5)
+        self.assertEqual(config.remote.ipme, ("192.0.2.1", "::1"))
+        self.assertEqual(config.remote.port, 2525)
+
+    def test_remoteErrors(self) -> None:
+        for text, expected in (
+            ('[remote]\ntls = "always"\n', "[remote] tls must be"),
+            ('[remote]\ntls_policy = { "a.example" = "sometimes" }\n', "[remote] tls_policy"),
+            ('[remote]\nipme = ["banana"]\n', "[remote] ipme must be a list of IP addresses"),
+            ("[remote]\nconcurrency_per_domain = 0\n", "concurrency_per_domain"),
+            ("[remote]\nport = 70000\n", "[remote] port must be 1..65535"),
+            ("[remote]\nfoo = 1\n", "unknown key [remote] foo"),
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                parseConfig(text, "/x", source="q.toml")
+            self.assertIn(expected, str(caught.exception))
+
+    def test_controlFiles(self) -> None:
+        base = self.mktemp()
+        control = os.path.join(base, "control")
+        os.makedirs(control)
+        for name, text in (
+            ("smtproutes", "example.org:relay.example:2525\n:smarthost.example\n"),
+            ("outgoingip", "192.0.2.5\n"),
+            ("helohost", "out.example.com\n"),
+            ("timeoutremote", "300\n"),
+            ("timeoutconnect", "10\n"),
+        ):
+            with open(os.path.join(control, name), "w") as f:
+                f.write(text)
+        config = parseConfig('[paths]\ncontrol = "control"\n', base)
+        self.assertEqual(
+            config.control.smtproutes, ("example.org:relay.example:2525", ":smarthost.example")
+        )
+        self.assertEqual(config.control.outgoingip, ("192.0.2.5",))
+        self.assertEqual(config.control.helohost, "out.example.com")
+        self.assertEqual((config.control.timeoutremote, config.control.timeoutconnect), (300, 10))
+        self.assertEqual(config.unusedControlFiles, ())

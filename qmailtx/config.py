@@ -131,6 +131,8 @@ class DeliveryConfig:
     recipient_delimiter: str = "-"
     # Seconds a |program delivery may run before it is killed (a temporary failure).
     program_timeout: int = 3600
+    # qmail-verh (P4): rewrite ##L/##H for VERP-expanded senders.
+    verh: bool = False
 
 
 TLS_CHOICES = ("none", "opportunistic", "verify")
@@ -480,6 +482,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
             dDefaults.recipient_delimiter,
         ),
         program_timeout=delivery.integer("program_timeout", dDefaults.program_timeout, 1),
+        verh=delivery.get("verh", _bool, "true or false", dDefaults.verh),
     )
     delivery.finish()
     if deliveryConfig.quota_warning_percent > 100:

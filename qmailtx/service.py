@@ -188,6 +188,7 @@ def makeMailService(
             delimiters=config.delivery.recipient_delimiter,
             programTimeout=config.delivery.program_timeout,
             timezone=config.timezone,
+            verh=config.delivery.verh,
         ),
         users,
         store,
@@ -396,6 +397,7 @@ def _makeRemote(
             perDomain=remote.concurrency_per_domain,
             replyTimeout=float(control.timeoutremote),
             connectTimeout=float(control.timeoutconnect),
+            verh=config.delivery.verh,
         ),
     )
 

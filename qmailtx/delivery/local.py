@@ -59,6 +59,7 @@ from qmailtx.delivery.quota import (
     parseDefinition,
 )
 from qmailtx.delivery.resolve import Plan, resolveRecipient
+from qmailtx.delivery.verh import isVerpFor, rewrite
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
 from qmailtx.queue.bounce import rfc5322Date
@@ -86,6 +87,7 @@ class LocalSettings:
     delimiters: str = "-"
     programTimeout: float = 3600.0
     timezone: str = ""  # dates of generated mail ("": local)
+    verh: bool = False  # P4: rewrite ##L/##H for VERP-expanded senders
 
 
 def returnPathLines(sender: Address, address: str) -> bytes:
@@ -290,14 +292,7 @@ class LocalDeliveryAgent:
                     return
                 p.files += 1
             elif isinstance(line, MboxLine):
-                appendMbox(
-                    self._path(plan, line.path),
-                    self._fromLine(message),
-                    returnPathLines(message.sender, plan.address),
-                    source,
-                    message.messageOffset,
-                    message.messageLength,
-                )
+                self._mbox(message, p, source, self._path(plan, line.path))
                 p.files += 1
         self._finish(message, p, source)
 
@@ -340,6 +335,36 @@ class LocalDeliveryAgent:
             return message.sender
         return Address(f"{local}-owner", host)
 
+    def _rewritten(self, message: QueuedMessage, p: _Progress, source: int) -> bytes | None:
+        """The message rewritten for this recipient (verh, P4), or None to copy
+        the queue file as it is."""
+        if not self.settings.verh or not isVerpFor(message.sender, p.recipient):
+            return None
+        content = self.fs.readAt(source, message.messageLength, message.messageOffset)
+        return rewrite(content, p.recipient)
+
+    def _mbox(self, message: QueuedMessage, p: _Progress, source: int, path: str) -> None:
+        plan = p.plan
+        assert plan is not None
+        prefix = returnPathLines(message.sender, plan.address)
+        content = self._rewritten(message, p, source)
+        if content is None:
+            appendMbox(
+                path,
+                self._fromLine(message),
+                prefix,
+                source,
+                message.messageOffset,
+                message.messageLength,
+            )
+            return
+        fd = os.memfd_create("verh", os.MFD_CLOEXEC)
+        try:
+            self.fs.write(fd, content)
+            appendMbox(path, self._fromLine(message), prefix, fd, 0, len(content))
+        finally:
+            os.close(fd)
+
     def _fromLine(self, message: QueuedMessage) -> bytes:
         return ufLine(str(message.sender), self.clock()).encode("ascii", "replace")
 
@@ -351,7 +376,12 @@ class LocalDeliveryAgent:
         assert plan is not None
         maildir = path.rstrip("/")
         prefix = returnPathLines(message.sender, plan.address)
-        size = len(prefix) + message.messageLength
+        offset, length = message.messageOffset, message.messageLength
+        content = self._rewritten(message, p, source)
+        if content is not None:
+            # The rewritten copy is written whole; the queue file is not touched.
+            prefix, source, offset, length = prefix + content, -1, 0, 0
+        size = len(prefix) + length
         owned = plan.owner is not None and os.path.join(plan.home, "Maildir") == maildir
         if owned:
             # The user database is the truth for a user's own Maildir (a
@@ -362,16 +392,12 @@ class LocalDeliveryAgent:
             # maildir++ patch), with its own definition.
             limit = maildirsizeLimit(maildir)
         if limit is None or limit.unlimited:
-            self.writer.deliver(
-                maildir, prefix, source, message.messageOffset, message.messageLength
-            )
+            self.writer.deliver(maildir, prefix, source, offset, length)
             return None
         quota = MaildirQuota(maildir, limit, clock=self.clock, fs=self.fs, host=self.writer.host)
         # Written and fsync'd outside the lock, so deliveries into one Maildir
         # overlap; only check, link and count are serialised.
-        pending = self.writer.prepare(
-            maildir, prefix, source, message.messageOffset, message.messageLength
-        )
+        pending = self.writer.prepare(maildir, prefix, source, offset, length)
         try:
             with quota.locked():
                 fits, before = quota.checkUsage(size, 1)

@@ -47,6 +47,7 @@ from qmailtx.delivery.interfaces import (
 )
 from qmailtx.delivery.mx import Destination, RouteError
 from qmailtx.delivery.routes import OutgoingIP, Route, SmtpRoutes
+from qmailtx.delivery.verh import isVerpFor, rewrite
 from qmailtx.queue.layout import QueuedMessage
 from qmailtx.smtp.client import ClientOptions, Reply, TransactionResult, sendMessage
 
@@ -89,6 +90,7 @@ class RemoteSettings:
     perDomain: int = 20  # simultaneous deliveries to one domain
     replyTimeout: float = 1200.0
     connectTimeout: float = 60.0
+    verh: bool = False  # P4: rewrite ##L/##H for VERP-expanded senders
 
     def tlsFor(self, domain: str) -> str:
         """The TLS policy for ``domain``: its own entry, a parent's (".example.com"
@@ -237,6 +239,31 @@ class RemoteDeliveryAgent:
             return [temporary(text) for _ in recipients]
         if body and not body.endswith(b"\n"):
             body += b"\n"  # qmail refuses partial final lines; completing it is kinder
+        if not self.settings.verh:
+            return await self._sendAll(message, recipients, body, domain, route, destinations)
+        # verh (P4): a recipient the sender was VERP-expanded for gets its own
+        # transaction with its own rewritten copy; the others go together.
+        results: dict[int, DeliveryResult] = {}
+        plain = [i for i, r in enumerate(recipients) if not isVerpFor(message.sender, r)]
+        groups = [([i], rewrite(body, r)) for i, r in enumerate(recipients) if i not in plain]
+        if plain:
+            groups.append((plain, body))
+        for indices, content in groups:
+            batch = [recipients[i] for i in indices]
+            done = await self._sendAll(message, batch, content, domain, route, destinations)
+            results.update(zip(indices, done, strict=True))
+        return [results[i] for i in range(len(recipients))]
+
+    async def _sendAll(
+        self,
+        message: QueuedMessage,
+        recipients: list[Address],
+        body: bytes,
+        domain: str,
+        route: Route | None,
+        destinations: list[Destination],
+    ) -> list[DeliveryResult]:
+        """One transaction for ``recipients``, the destinations tried in order."""
         sent = [_path(r) for r in recipients]
         attempts: list[_Attempt] = []
         for destination in destinations:

@@ -572,3 +572,39 @@ class BounceDateTests(SynchronousTestCase):
         )
         self.assertIn(b"Date: Thu, 01 Jan 1970 05:30:00 +0530\n", bounce.content)
         self.assertIn(b"Arrival-Date: Thu, 01 Jan 1970 05:30:00 +0530\n", bounce.content)
+
+
+class BounceAppearanceTests(SynchronousTestCase):
+    """P8 (bounce subject and text from the control settings) and P16 (the body left out)."""
+
+    def bounce(self, control: dict[str, object], whole: bytes | None) -> list[EmailMessage]:
+        settings = BounceSettings.fromControl(buildControl({"me": "mx.test", **control}, {}, "t"))
+        made = buildBounce(
+            settings,
+            Address("a", "b.example"),
+            [FailedRecipient(Address("x", "mx.test"), "Sorry. (#5.1.1)")],
+            b"Subject: hi\nFrom: a@b.example\n",
+            whole,
+            arrival=0.0,
+            now=0.0,
+        )
+        parsed = email.message_from_bytes(made.content, policy=email.policy.default)
+        self.subject = str(parsed["Subject"])
+        return cast(list[EmailMessage], parsed.get_payload())
+
+    def test_subjectAndIntroductionFromTheControlSettings(self) -> None:
+        parts = self.bounce(
+            {"bouncesubject": "Undeliverable", "bouncemessage": "This is {host}. No luck.\n"},
+            None,
+        )
+        self.assertEqual(self.subject, "Undeliverable")
+        text = parts[0].get_content()
+        self.assertTrue(text.startswith("This is mx.test. No luck.\n"), text)
+
+    def test_headersOnlyUnlessTheWholeMessageIsGiven(self) -> None:
+        headersOnly = self.bounce({}, None)[2]
+        self.assertEqual(headersOnly.get_content_type(), "text/rfc822-headers")
+        self.assertNotIn("body text", headersOnly.as_string())
+        original = self.bounce({}, b"Subject: hi\nFrom: a@b.example\n\nbody text\n")[2]
+        self.assertEqual(original.get_content_type(), "message/rfc822")
+        self.assertIn("body text", original.as_string())

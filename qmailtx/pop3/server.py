@@ -39,14 +39,14 @@ from typing import TYPE_CHECKING, Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.mail.pop3 import APOPCredentials
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from qmailtx.lineserver import LineServer
 from qmailtx.logging import logsafe
 from qmailtx.pop3.mailbox import (
     SMALL_MESSAGE,
@@ -80,8 +80,6 @@ if TYPE_CHECKING:
 log = Logger()
 
 COMMAND_LIMIT = 512  # octets of a command line, CRLF included (RFC 2449: 255)
-INPUT_LIMIT = 64 * 1024  # pipelined input held while a command is pending
-DISCARD_LIMIT = 64 * 1024  # bytes of one over-long line before we hang up
 
 _AUTHORIZATION, _TRANSACTION, _UPDATE, _CLOSED = "authorization", "transaction", "update", "closed"
 
@@ -113,9 +111,10 @@ Reply = bytes | None
 Answer = Reply | Deferred[Reply]
 
 
-@implementer(IPushProducer, IHandshakeListener)
-class POP3Server(Protocol):
+@implementer(IHandshakeListener)
+class POP3Server(LineServer[bytes]):
     def __init__(self, factory: POP3ServerFactory) -> None:
+        super().__init__(factory.clock, factory.settings.timeout, factory.settings.maxBadCommands)
         self.factory = factory
         self.settings = factory.settings
         self.sessionId = next(_sessionIds)
@@ -123,15 +122,7 @@ class POP3Server(Protocol):
         self.secure = self.settings.implicitTLS
         self.timestamp = b""
         self._state = _AUTHORIZATION
-        self._buffer = b""
-        self._busy = False
-        self._outputBlocked = False
-        self._readingPaused = False
-        self._registered = False
-        self._discarding = -1
         self._inAuth = False  # the next line answers an AUTH challenge
-        self._badCommands = 0
-        self._timer: IDelayedCall | None = None
         self._exchange: Exchange | None = None
         self._penalty: Deferred[None] | None = None
         self._user: bytes | None = None  # from USER, for PASS
@@ -146,15 +137,7 @@ class POP3Server(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peerHost = getattr(peer, "host", "unknown")
-        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            try:
-                setNoDelay(True)
-            except OSError:
-                pass
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        self._registered = True
-        self._resetTimer()
+        self.startServing()
         greeting = f"+OK {self.settings.me} qmailtx POP3 server ready"
         if self.factory.offersAPOP:
             now = int(self.factory.clock.seconds())
@@ -199,117 +182,40 @@ class POP3Server(Protocol):
         if stream is not None:
             stream.close()
 
-    def _close(self) -> None:
-        if self._state == _CLOSED:
-            return
+    @property
+    def closed(self) -> bool:
+        return self._state == _CLOSED
+
+    def closing(self) -> None:
         self._state = _CLOSED
-        self._buffer = b""
-        self._stopTimer()
         self._closeStream()
-        if self._registered:
-            self._registered = False
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
 
-    # -- timeouts ------------------------------------------------------------
+    # -- line server hooks ----------------------------------------------------
 
-    def _stopTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _resetTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.settings.timeout)
-        else:
-            self._timer = self.factory.clock.callLater(self.settings.timeout, self._timedOut)
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        if self._state == _CLOSED:
-            return
+    def timedOut(self) -> None:
         log.info("POP3 timeout: closing {peer} ({user})", peer=self.peerHost, user=self._address)
         self._write(b"-ERR autologout: idle for too long")
-        self._close()
 
-    # -- flow control --------------------------------------------------------
-
-    def pauseProducing(self) -> None:
-        self._outputBlocked = True
-        self._updateReading()
-
-    def resumeProducing(self) -> None:
-        self._outputBlocked = False
+    def outputResumed(self) -> None:
         if self._stream is not None:
             self._pump()
-        self._updateReading()
-        self._process()
 
     def stopProducing(self) -> None:
         self._closeStream()
 
-    def _updateReading(self) -> None:
-        held = self._busy or self._outputBlocked
-        pause = held and len(self._buffer) >= INPUT_LIMIT
-        if self._state == _CLOSED or pause == self._readingPaused:
-            return
-        self._readingPaused = pause
-        if pause:
-            self.transport.pauseProducing()  # type: ignore[union-attr]
-        else:
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+    def lineLimit(self, buf: bytes) -> int:
+        return AUTH_LINE_LIMIT if self._inAuth or buf[:5].upper() == b"AUTH " else COMMAND_LIMIT
 
-    # -- input ---------------------------------------------------------------
+    def lineOverflowed(self) -> None:
+        self._write(b"-ERR line too long, closing connection")
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._state == _CLOSED:
-            return
-        self._resetTimer()
-        self._buffer = self._buffer + data if self._buffer else data
-        self._process()
-        self._updateReading()
-
-    def _process(self) -> None:
-        while self._buffer and not self._busy and not self._outputBlocked:
-            if self._state == _CLOSED:
-                self._buffer = b""
-                return
-            if not self._nextLine():
-                break
-
-    def _nextLine(self) -> bool:
-        buf = self._buffer
-        nl = buf.find(b"\n")
-        if self._discarding >= 0:
-            if nl < 0:
-                self._discarding += len(buf)
-                self._buffer = b""
-                if self._discarding > DISCARD_LIMIT:
-                    self._write(b"-ERR line too long, closing connection")
-                    self._close()
-                return False
-            self._buffer = buf[nl + 1 :]
-            self._discarding = -1
-            self._tooLong()
-            return True
-        limit = AUTH_LINE_LIMIT if self._inAuth or buf[:5].upper() == b"AUTH " else COMMAND_LIMIT
-        if nl < 0:
-            if len(buf) > limit:
-                self._discarding = len(buf)
-                self._buffer = b""
-            return False
-        self._buffer = buf[nl + 1 :]
-        if nl + 1 > limit:
-            self._tooLong()
-            return True
-        line = buf[: nl - 1] if nl and buf[nl - 1] == 13 else buf[:nl]
+    def lineReceived(self, line: bytes) -> None:
         if self._inAuth:
             self._answer(self._authResponse(line))
         else:
             self._handleLine(line)
-        return True
 
-    def _tooLong(self) -> None:
+    def lineTooLong(self) -> None:
         self._inAuth = False
         self._exchange = None
         self._badCommand(E_TOO_LONG)
@@ -336,35 +242,13 @@ class POP3Server(Protocol):
             return
         self._answer(result)
 
-    def _answer(self, result: Answer) -> None:
-        if isinstance(result, Deferred):
-            self._busy = True
-            result.addErrback(self._internalError)
-            result.addCallback(self._answerLater)
-        elif result is not None:
-            self._write(result)
-
-    def _answerLater(self, reply: Reply) -> None:
-        self._busy = False
-        if self._state == _CLOSED:
-            return
-        if reply is not None:
-            self._write(reply)
-        self._process()
-        self._updateReading()
-
-    def _internalError(self, failure: Failure) -> Reply:
+    def internalError(self, failure: Failure) -> bytes:
         log.failure("POP3 internal error with {peer}", failure, peer=self.peerHost)
         return E_TEMPORARY
 
-    def _badCommand(self, reply: bytes) -> None:
-        self._badCommands += 1
-        if self._badCommands >= self.settings.maxBadCommands:
-            log.info("POP3: too many bad commands from {peer}", peer=self.peerHost)
-            self._write(b"-ERR too many bad commands, closing connection")
-            self._close()
-            return
-        self._write(reply)
+    def tooManyBadCommands(self) -> None:
+        log.info("POP3: too many bad commands from {peer}", peer=self.peerHost)
+        self._write(b"-ERR too many bad commands, closing connection")
 
     def _write(self, reply: bytes) -> None:
         if self.transport is not None and self._state != _CLOSED:
@@ -423,9 +307,7 @@ class POP3Server(Protocol):
         self._write(b"+OK begin TLS negotiation")
         # CVE-2011-0411: nothing sent in plaintext after STLS may count as
         # said inside TLS.
-        discarded = len(self._buffer)
-        self._buffer = b""
-        self._discarding = -1
+        discarded = self._discardPipelined()
         if discarded:
             log.info(
                 "POP3: discarded {count} bytes pipelined after STLS from {peer}",

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qmailtx.address import Address
+from qmailtx.lineserver import LineServer
 from qmailtx.policy.chain import runChecks
 from qmailtx.policy.interfaces import IDataCheck
 from qmailtx.policy.verdict import Verdict, VerdictKind
@@ -79,9 +79,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-INPUT_LIMIT = 64 * 1024  # pipelined input held while a command is pending
-DISCARD_LIMIT = 64 * 1024  # bytes of one over-long line before we hang up
-
 _COMMAND, _DATA, _AUTH, _CLOSED = "command", "data", "auth", "closed"
 
 R_OK = SMTPReply(250, "2.0.0", "ok")
@@ -111,24 +108,17 @@ R_TLS_PARAMETERS = SMTPReply(501, "5.5.4", "syntax error (no parameters allowed)
 R_TLS_UNAVAILABLE = SMTPReply(454, "4.3.0", "TLS not available")
 
 
-@implementer(IPushProducer, IHandshakeListener)
-class ESMTPServer(Protocol):
+@implementer(IHandshakeListener)
+class ESMTPServer(LineServer[SMTPReply]):
     def __init__(self, factory: SMTPServerFactory) -> None:
+        super().__init__(factory.clock, factory.settings.timeout, factory.settings.maxBadCommands)
         self.factory = factory
         self.settings = factory.settings
         self.session = SMTPSession("unknown", 0, listener=self.settings.listener)
-        self._buffer = b""
         self._mode = _COMMAND
-        self._busy = False  # a command's reply is pending
-        self._outputBlocked = False  # the client is not reading our replies
-        self._readingPaused = False
-        self._registered = False  # we are the transport's producer
-        self._discarding = -1  # bytes discarded from an over-long line; -1: not discarding
-        self._badCommands = 0
         self._data: DataParser | None = None
         self._spool: Spool | None = None
         self._checks: list[IDataCheck] = []
-        self._timer: IDelayedCall | None = None
         self._exchange: Exchange | None = None  # the AUTH exchange waiting for a line
         self._logout: Callable[[], None] | None = None
         self._penalty: Deferred[None] | None = None  # a failed AUTH's delay
@@ -145,22 +135,12 @@ class ESMTPServer(Protocol):
             clientRelay=self.settings.isRelayClient(host),
             secure=self.settings.implicitTLS,
         )
-        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            try:
-                setNoDelay(True)
-            except OSError:
-                pass
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        self._registered = True
-        self._resetTimer()
+        self.startServing()
         self._write(SMTPReply(220, "", f"{self.settings.greeting} ESMTP"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._mode = _CLOSED
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stopTimer()
         self._abortData()
         self._exchange = None
         if self._penalty is not None:
@@ -183,21 +163,13 @@ class ESMTPServer(Protocol):
             except Exception:
                 log.failure("logout of {user} failed", user=self.session.authenticatedAs)
 
-    def _close(self) -> None:
-        if self._mode == _CLOSED:
-            return
+    @property
+    def closed(self) -> bool:
+        return self._mode == _CLOSED
+
+    def closing(self) -> None:
         self._mode = _CLOSED
         self._abortData()
-        self._buffer = b""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        # A registered producer holds a TLS transport's close (it waits for
-        # the producer to go away before it sends close_notify).
-        if self._registered:
-            self._registered = False
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _abortData(self) -> None:
         if self._spool is not None:
@@ -206,75 +178,24 @@ class ESMTPServer(Protocol):
         self._data = None
         self._checks = []
 
-    # -- timeouts ------------------------------------------------------------
+    # -- line server hooks ----------------------------------------------------
 
-    def _resetTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.settings.timeout)
-        else:
-            self._timer = self.factory.clock.callLater(self.settings.timeout, self._timedOut)
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        if self._mode == _CLOSED:
-            return
+    def timedOut(self) -> None:
         log.info(
             "timeout: closing session {session} from {peer}",
             session=self.session.sessionId,
             peer=self.session.peerHost,
         )
         self._write(R_TIMEOUT)
-        self._close()
 
-    # -- flow control ----------------------------------------------------------
+    def nextInput(self) -> bool:
+        if self._mode == _DATA:
+            chunk, self._buffer = self._buffer, b""
+            self._dataChunk(chunk)
+            return True
+        return self._nextLine()
 
-    def pauseProducing(self) -> None:
-        """The transport cannot take more replies now (its buffer is full, or TLS
-        is still handshaking): hold further input until it can."""
-        self._outputBlocked = True
-        self._updateReading()
-
-    def resumeProducing(self) -> None:
-        self._outputBlocked = False
-        self._updateReading()
-        self._process()
-
-    def stopProducing(self) -> None:
-        pass
-
-    def _updateReading(self) -> None:
-        held = self._busy or self._outputBlocked
-        pause = held and len(self._buffer) >= INPUT_LIMIT
-        if self._mode == _CLOSED or pause == self._readingPaused:
-            return
-        self._readingPaused = pause
-        if pause:
-            self.transport.pauseProducing()  # type: ignore[union-attr]
-        else:
-            self.transport.resumeProducing()  # type: ignore[union-attr]
-
-    # -- input ---------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._mode == _CLOSED:
-            return
-        self._resetTimer()
-        self._buffer = self._buffer + data if self._buffer else data
-        self._process()
-        self._updateReading()
-
-    def _process(self) -> None:
-        while self._buffer and not self._busy and not self._outputBlocked:
-            if self._mode == _DATA:
-                chunk, self._buffer = self._buffer, b""
-                self._dataChunk(chunk)
-            elif self._mode in (_COMMAND, _AUTH):
-                if not self._nextLine():
-                    break
-            else:
-                self._buffer = b""
-
-    def _lineLimit(self, buf: bytes) -> int:
+    def lineLimit(self, buf: bytes) -> int:
         """Longest line accepted: AUTH lines (the command and the exchange's
         responses) may be longer than commands (RFC 4954)."""
         limit = self.settings.maxCommandLine
@@ -282,7 +203,7 @@ class ESMTPServer(Protocol):
             return max(limit, AUTH_LINE_LIMIT)
         return limit
 
-    def _tooLong(self) -> None:
+    def lineTooLong(self) -> None:
         if self._mode == _AUTH:
             self._exchange = None
             self._mode = _COMMAND
@@ -290,38 +211,14 @@ class ESMTPServer(Protocol):
         else:
             self._badCommand(R_TOO_LONG)
 
-    def _nextLine(self) -> bool:
-        """Handle one command line; False when no whole line is buffered."""
-        buf = self._buffer
-        nl = buf.find(b"\n")
-        if self._discarding >= 0:
-            if nl < 0:
-                self._discarding += len(buf)
-                self._buffer = b""
-                if self._discarding > DISCARD_LIMIT:
-                    self._write(SMTPReply(421, "4.7.0", "line too long, closing connection"))
-                    self._close()
-                return False
-            self._buffer = buf[nl + 1 :]
-            self._discarding = -1
-            self._tooLong()
-            return True
-        limit = self._lineLimit(buf)
-        if nl < 0:
-            if len(buf) > limit:
-                self._discarding = len(buf)
-                self._buffer = b""
-            return False
-        self._buffer = buf[nl + 1 :]
-        if nl + 1 > limit:
-            self._tooLong()
-            return True
-        line = buf[: nl - 1] if nl and buf[nl - 1] == 13 else buf[:nl]
+    def lineOverflowed(self) -> None:
+        self._write(SMTPReply(421, "4.7.0", "line too long, closing connection"))
+
+    def lineReceived(self, line: bytes) -> None:
         if self._mode == _AUTH:
             self._answer(self._authResponse(line))
         else:
             self._handleLine(line)
-        return True
 
     def _handleLine(self, line: bytes) -> None:
         try:
@@ -336,39 +233,17 @@ class ESMTPServer(Protocol):
             return
         self._answer(result)
 
-    def _answer(self, result: SMTPReply | Deferred[Any] | None) -> None:
-        if isinstance(result, Deferred):
-            self._busy = True
-            result.addErrback(self._internalError)
-            result.addCallback(self._answerLater)
-        elif result is not None:
-            self._write(result)
-
-    def _answerLater(self, reply: SMTPReply | None) -> None:
-        self._busy = False
-        if self._mode == _CLOSED:
-            return
-        if reply is not None:
-            self._write(reply)
-        self._process()
-        self._updateReading()
-
-    def _internalError(self, failure: Failure) -> SMTPReply:
+    def internalError(self, failure: Failure) -> SMTPReply:
         log.failure("internal error in session {session}", failure, session=self.session.sessionId)
         return R_INTERNAL
 
-    def _badCommand(self, reply: SMTPReply) -> None:
-        self._badCommands += 1
-        if self._badCommands >= self.settings.maxBadCommands:
-            log.info(
-                "too many bad commands from {peer} session {session}",
-                peer=self.session.peerHost,
-                session=self.session.sessionId,
-            )
-            self._write(SMTPReply(421, "4.7.0", f"{self.settings.me} too many errors"))
-            self._close()
-            return
-        self._write(reply)
+    def tooManyBadCommands(self) -> None:
+        log.info(
+            "too many bad commands from {peer} session {session}",
+            peer=self.session.peerHost,
+            session=self.session.sessionId,
+        )
+        self._write(SMTPReply(421, "4.7.0", f"{self.settings.me} too many errors"))
 
     def _write(self, reply: SMTPReply) -> None:
         if self.transport is not None and self._mode != _CLOSED:
@@ -540,9 +415,7 @@ class ESMTPServer(Protocol):
         self._write(R_TLS_READY)
         # CVE-2011-0411: what the client sent after STARTTLS was sent in
         # plaintext; none of it may be taken as said inside TLS.
-        discarded = len(self._buffer)
-        self._buffer = b""
-        self._discarding = -1
+        discarded = self._discardPipelined()
         if discarded:
             log.info(
                 "discarded {count} bytes pipelined after STARTTLS from {peer} session {session}",

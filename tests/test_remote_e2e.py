@@ -278,6 +278,9 @@ class RemoteDeliveryTests(TestCase):
         await self.until(lambda: self.deliveries.events)
         self.assertEqual(self.deliveries.outcomes()[0][0], "deferral")
         self.assertIn("451_4.3.0_try_later", self.deliveries.outcomes()[0][1])
+        # The deferral is logged before it is recorded and rescheduled: wait
+        # for that, or retryNow finds nothing to retry yet.
+        await self.manager(running).whenIdle()
         self.manager(running).retryNow()
         await self.until(lambda: len(self.deliveries.events) == 2)
         self.assertEqual(self.deliveries.outcomes()[1][0], "success")

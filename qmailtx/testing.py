@@ -10,6 +10,9 @@
 - ``makeTestCertificate(folder, host)``: a self-signed certificate and key.
 - ``makeTestUsers(path, {address: password})`` and ``makeTestPortal(store)``:
   a user database with cheap password hashes, and the portal SMTP AUTH uses.
+- ``MemoryZone(records)`` and ``startTestDNSServer(testCase, zone)``: a
+  twisted.names server on 127.0.0.1 (UDP and TCP on one port) answering
+  from memory, stopped when the test ends.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import fail
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.names import authority, common, dns, server
+from twisted.trial.unittest import SynchronousTestCase
 
 from qmailtx.config import Config, parseConfig
 from qmailtx.domains import DomainTable
@@ -344,3 +351,61 @@ def makeTestPortal(
         hasher=PasswordHasher.cheap(),
         hashedSecrets=hashedSecrets,
     )
+
+
+TEST_SOA = dns.Record_SOA(mname=b"ns.test", rname=b"root.test", serial=1, minimum=60, expire=60)
+
+
+class BrokenDNSName(Exception):
+    """What a MemoryZone raises for its ``broken`` name: the server answers SERVFAIL."""
+
+
+class MemoryZone(authority.FileAuthority):
+    """The zone ``test`` from memory (FileAuthority without the file).
+
+    ``records`` maps lower-case names to twisted.names records; a lookup of
+    ``broken`` fails with BrokenDNSName (logged by the server, SERVFAIL).
+    """
+
+    def __init__(self, records: Mapping[bytes, Any], broken: bytes = b"broken.test") -> None:
+        common.ResolverBase.__init__(self)
+        self.soa = (b"test", TEST_SOA)  # type: ignore[assignment]
+        self.records = records  # type: ignore[assignment]
+        self.broken = broken
+        self._cache: dict[Any, Any] = {}
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> Any:
+        if name.lower() == self.broken:
+            return fail(BrokenDNSName())
+        return super()._lookup(name, cls, type, timeout)
+
+
+def startTestDNSServer(
+    testCase: SynchronousTestCase,
+    zone: server.DNSServerFactory | Mapping[bytes, Any],
+    reactor: Any = None,
+) -> tuple[str, int]:
+    """Serve ``zone`` (a DNSServerFactory, or records for a MemoryZone) on
+    127.0.0.1, UDP and TCP on the same port, until ``testCase`` ends.
+
+    Returns the server's ``(host, port)``.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    factory = (
+        zone
+        if isinstance(zone, server.DNSServerFactory)
+        else server.DNSServerFactory(authorities=[MemoryZone(zone)])
+    )
+    for _ in range(20):
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        port = udp.getHost().port
+        try:
+            tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
+        except CannotListenError:
+            udp.stopListening()
+            continue
+        break
+    testCase.addCleanup(udp.stopListening)
+    testCase.addCleanup(tcp.stopListening)
+    return "127.0.0.1", int(port)

@@ -17,7 +17,7 @@ from typing import Any, cast
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import deferLater
@@ -31,8 +31,7 @@ from zope.interface import implementer
 from qmailtx import makeMailService
 from qmailtx.config import ConfigError
 from qmailtx.queue.manager import QueueManager
-from qmailtx.testing import makeTestCertificate, makeTestConfig
-from tests.policy.test_mfcheck import MemoryZone
+from qmailtx.testing import MemoryZone, makeTestCertificate, makeTestConfig, startTestDNSServer
 from tests.test_service import RunningServer
 
 reactor: Any = _reactor
@@ -189,21 +188,8 @@ class RemoteDeliveryTests(TestCase):
         return state, cast(int, listening.getHost().port)  # type: ignore[attr-defined]
 
     def dnsServer(self) -> int:
-        zone = MemoryZone()
-        zone.records = ZONE  # type: ignore[assignment]
-        factory = server.DNSServerFactory(authorities=[zone])
-        for _ in range(20):
-            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-            port = udp.getHost().port
-            try:
-                tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
-            except CannotListenError:
-                udp.stopListening()
-                continue
-            break
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
-        return cast(int, port)
+        factory = server.DNSServerFactory(authorities=[MemoryZone(ZONE, b"broken.example.test")])
+        return startTestDNSServer(self, factory, reactor)[1]
 
     async def start(self, toml: str) -> tuple[RunningServer, int]:
         toml = '[smtp]\nlisten = ["tcp:0:interface=127.0.0.1"]\n' + toml

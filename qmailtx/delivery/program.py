@@ -16,22 +16,14 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IProcessTransport,
-    IReactorProcess,
-    IReactorTime,
-)
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
 from qmailtx.delivery.interfaces import DeliveryResult, delivered, permanent, temporary
+from qmailtx.process import spawnBounded
 
 SHELL = "/bin/sh"
 MAX_OUTPUT = 3000  # qmail-lspawn's truncreport
@@ -52,65 +44,6 @@ class ProgramResult:
     timedOut: bool = False
     truncated: bool = False
     startError: str | None = None  # no process was started: qmail's report text
-
-
-class _ProgramProtocol(ProcessProtocol):
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.output = bytearray()
-        self.truncated = False
-        self.timedOut = False
-        self.exited = False
-        self.group: int | None = None
-        self.timer: IDelayedCall | None = None
-        self.done: Deferred[ProgramResult] = Deferred()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        room = self.limit - len(self.output)
-        if len(data) > room:
-            self.truncated = True
-            data = data[: max(room, 0)]
-        self.output += data
-
-    def processExited(self, reason: Failure) -> None:
-        self.exited = True
-
-    def timeOut(self) -> None:
-        """Kill a program still running; stop waiting for pipes its leftovers hold."""
-        self.timer = None
-        transport = self.transport
-        if not self.exited:
-            self.timedOut = True
-            self._kill()
-        if IProcessTransport.providedBy(transport):
-            transport.loseConnection()
-
-    def _kill(self) -> None:
-        if self.group is not None:
-            try:
-                os.killpg(self.group, signal.SIGKILL)
-                return
-            except OSError:
-                pass
-        transport = self.transport
-        if IProcessTransport.providedBy(transport):
-            try:
-                transport.signalProcess("KILL")
-            except (ProcessExitedAlready, OSError):
-                pass
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        exitCode: int | None = 0
-        sig: int | None = None
-        if reason.check(ProcessTerminated):
-            value = reason.value
-            exitCode, sig = value.exitCode, value.signal
-        self.done.callback(
-            ProgramResult(exitCode, sig, bytes(self.output), self.timedOut, self.truncated)
-        )
 
 
 def runProgram(
@@ -143,11 +76,11 @@ def runProgram(
         return succeed(_notStarted(f"Unable to switch to {cwd}: {problem}. (#4.3.0)"))
     if "\0" in command or any("\0" in k or "\0" in v for k, v in env.items()):
         return succeed(_notStarted("Unable to run /bin/sh: a NUL in its arguments. (#4.3.0)"))
-    protocol = _ProgramProtocol(MAX_OUTPUT)
     try:
         os.lseek(stdinFd, 0, os.SEEK_SET)
-        transport = reactor.spawnProcess(
-            protocol,
+        done = spawnBounded(
+            reactor,
+            clock,
             SHELL,
             [SHELL, "-c", command],
             env=env,
@@ -155,15 +88,16 @@ def runProgram(
             uid=uid,
             gid=gid,
             childFDs={0: stdinFd, 1: "r", 2: "r"},
+            limit=MAX_OUTPUT,
+            timeout=timeout,
         )
     except OSError as e:
         return succeed(_notStarted(f"Unable to fork: {e.strerror or e}. (#4.3.0)"))
     except ValueError as e:  # what the OS cannot take (NULs are refused above)
         return succeed(_notStarted(f"Unable to run /bin/sh: {e}. (#4.3.0)"))
-    protocol.group = _ownGroup(transport.pid)
-    if not protocol.done.called:
-        protocol.timer = clock.callLater(timeout, protocol.timeOut)
-    return protocol.done
+    return done.addCallback(
+        lambda r: ProgramResult(r.exitCode, r.signal, r.output, r.timedOut, r.truncated)
+    )
 
 
 def spawnFailure(error: Exception) -> DeliveryResult:
@@ -193,21 +127,6 @@ def _unusableFolder(path: str) -> str | None:
     if not os.access(path, os.X_OK):
         return os.strerror(errno.EACCES)
     return None
-
-
-def _ownGroup(pid: int | None) -> int | None:
-    """Best effort: give the child its own process group, so a timeout kills its children.
-
-    This works while the child has not yet exec'd the shell (setpgid is
-    refused afterwards); then only the shell itself is killed on timeout.
-    """
-    if pid is None:
-        return None
-    try:
-        os.setpgid(pid, pid)
-    except OSError:
-        return None
-    return pid
 
 
 def reportText(output: bytes, truncated: bool = False) -> str:

@@ -35,20 +35,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from qmailtx.config import Config
+from qmailtx.process import spawnBounded
 from qmailtx.queue.qq import CRASHED, QQ_EXEC_FAILED, TIMED_OUT, qqReply
 from qmailtx.reply import SMTPReply
 
@@ -109,57 +105,6 @@ class FilterResult:
         return f"exit {self.exitCode}"
 
 
-class _FilterProtocol(ProcessProtocol):
-    def __init__(self) -> None:
-        self.stderr = bytearray()
-        self.exited = False
-        self.timedOut = False
-        self.group: int | None = None
-        self.timer: IDelayedCall | None = None
-        self.done: Deferred[FilterResult] = Deferred()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        room = MAX_STDERR - len(self.stderr)
-        if room > 0:
-            self.stderr += data[:room]
-
-    def processExited(self, reason: Failure) -> None:
-        self.exited = True
-
-    def timeOut(self) -> None:
-        self.timer = None
-        if not self.exited:
-            self.timedOut = True
-            self._kill()
-        transport = self.transport
-        if IProcessTransport.providedBy(transport):
-            transport.loseConnection()  # leftover children may hold stderr open
-
-    def _kill(self) -> None:
-        if self.group is not None:
-            try:
-                os.killpg(self.group, signal.SIGKILL)
-                return
-            except OSError:
-                pass
-        transport = self.transport
-        if IProcessTransport.providedBy(transport):
-            try:
-                transport.signalProcess("KILL")
-            except (ProcessExitedAlready, OSError):
-                pass
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        exitCode: int | None = 0
-        sig: int | None = None
-        if reason.check(ProcessTerminated):
-            exitCode, sig = reason.value.exitCode, reason.value.signal
-        self.done.callback(FilterResult(exitCode, sig, self.timedOut, None, bytes(self.stderr)))
-
-
 class QueueFilter:
     """Runs the configured qmail-queue stand-in for one message at a time.
 
@@ -216,36 +161,26 @@ class QueueFilter:
         env = self.environmentFor(msgid, info)
         if any("\0" in a for a in self.argv) or any("\0" in k + v for k, v in env.items()):
             return succeed(FilterResult(None, startError="a NUL in its arguments"))
-        protocol = _FilterProtocol()
         try:
-            transport = self.reactor.spawnProcess(
-                protocol,
+            done = spawnBounded(
+                self.reactor,
+                self.reactor,
                 program,
                 self.argv,
                 env=env,
                 path=self.folder,
                 childFDs={0: messageFd, 1: envelopeFd, 2: "r"},
+                limit=MAX_STDERR,
+                timeout=self.timeout,
             )
         except (OSError, ValueError) as e:
             return succeed(FilterResult(None, startError=str(e)))
-        protocol.group = _ownGroup(transport.pid)
-        if not protocol.done.called:
-            protocol.timer = self.reactor.callLater(self.timeout, protocol.timeOut)
-        return protocol.done
+        return done.addCallback(
+            lambda r: FilterResult(r.exitCode, r.signal, r.timedOut, None, r.output)
+        )
 
 
 _PER_MESSAGE = frozenset({"QMAILQUEUE", "QMAILTX_QUEUE_MSGID", "QMAILTX_QUEUE_INFO", "TCPREMOTEIP"})
-
-
-def _ownGroup(pid: int | None) -> int | None:
-    """Best effort: the filter's own process group, so a timeout kills its children too."""
-    if pid is None:
-        return None
-    try:
-        os.setpgid(pid, pid)
-    except OSError:
-        return None
-    return pid
 
 
 def findInjector(executable: str = sys.executable) -> str | None:

@@ -6,11 +6,9 @@ import random
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import fail
-from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
-from twisted.names import authority, common, dns, server
+from twisted.names import dns, server
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from qmailtx.delivery.mx import (
@@ -23,10 +21,11 @@ from qmailtx.delivery.mx import (
     makeResolver,
 )
 from qmailtx.delivery.routes import Route
+from qmailtx.testing import BrokenDNSName as Broken
+from qmailtx.testing import MemoryZone, startTestDNSServer
 
 reactor: Any = _reactor
 
-SOA = dns.Record_SOA(mname=b"ns.test", rname=b"root.test", serial=1, minimum=60, expire=60)
 OURS = "192.0.2.99"
 BIG = 40
 
@@ -83,30 +82,11 @@ def _records() -> dict[bytes, list[Any]]:
     return records
 
 
-class Broken(Exception):
-    """What the fake zone raises for broken.test: the server answers SERVFAIL."""
-
-
-class MemoryZone(authority.FileAuthority):
-    """The zone ``test`` from memory (FileAuthority without the file)."""
-
-    def __init__(self) -> None:
-        common.ResolverBase.__init__(self)
-        self.soa = (b"test", SOA)  # type: ignore[assignment]
-        self.records = _records()  # type: ignore[assignment]
-        self._cache: dict[Any, Any] = {}
-
-    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> Any:
-        if name.lower() == b"broken.test":
-            return fail(Broken())
-        return super()._lookup(name, cls, type, timeout)
-
-
 class TruncatingFactory(server.DNSServerFactory):
     """Counts queries; a UDP answer over 512 bytes is cut short and marked TC, as servers do."""
 
     def __init__(self) -> None:
-        super().__init__(authorities=[MemoryZone()])
+        super().__init__(authorities=[MemoryZone(_records())])
         self.asked: list[tuple[bytes, int]] = []
         self.overTCP: list[tuple[bytes, int]] = []
         self.truncated = 0
@@ -138,17 +118,7 @@ class DNSServerTestCase(TestCase):
 
     def setUp(self) -> None:
         self.dns = TruncatingFactory()
-        for _ in range(20):
-            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(self.dns), interface="127.0.0.1")
-            port = udp.getHost().port
-            try:
-                tcp = reactor.listenTCP(port, self.dns, interface="127.0.0.1")
-            except CannotListenError:
-                udp.stopListening()
-                continue
-            break
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
+        _, port = startTestDNSServer(self, self.dns, reactor)
         self.port = port
         self.resolver = makeResolver(reactor, [("127.0.0.1", port)], (2,))
         self.addCleanup(self.closeTCP)

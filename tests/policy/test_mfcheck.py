@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import CannotListenError
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
-from twisted.names import authority, client, common, dns, server
+from twisted.names import client, dns, server
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -22,7 +21,8 @@ from qmailtx.policy.mfcheck import SenderDomainCheck
 from qmailtx.policy.verdict import CONTINUE, Verdict
 from qmailtx.registry import PolicyContext, makeRegistry
 from qmailtx.smtp.session import SMTPSession
-from qmailtx.testing import SMTPServerHarness, makeTestConfig
+from qmailtx.testing import BrokenDNSName as Broken
+from qmailtx.testing import MemoryZone, SMTPServerHarness, makeTestConfig, startTestDNSServer
 
 reactor: Any = _reactor
 
@@ -30,7 +30,6 @@ NO_DOMAIN = b"553 5.7.1 sorry, your envelope sender domain must exist\r\n"
 TROUBLE = b"451 4.3.0 DNS temporary failure\r\n"
 NULL_MX = b"550 5.7.27 sorry, your envelope sender domain does not accept mail\r\n"
 
-SOA = dns.Record_SOA(mname=b"ns.test", rname=b"root.test", serial=1, minimum=60, expire=60)
 RECORDS = {
     b"mx.example.test": [dns.Record_MX(10, b"mail.mx.example.test")],
     b"mail.mx.example.test": [dns.Record_A("192.0.2.10")],
@@ -41,28 +40,9 @@ RECORDS = {
 }
 
 
-class Broken(Exception):
-    """What the fake zone raises for broken.example.test: the server answers SERVFAIL."""
-
-
-class MemoryZone(authority.FileAuthority):
-    """The zone ``test`` from memory (FileAuthority without the file)."""
-
-    def __init__(self) -> None:
-        common.ResolverBase.__init__(self)
-        self.soa = (b"test", SOA)  # type: ignore[assignment]
-        self.records = RECORDS  # type: ignore[assignment]
-        self._cache: dict[Any, Any] = {}
-
-    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> Any:
-        if name.lower() == b"broken.example.test":
-            return fail(Broken())
-        return super()._lookup(name, cls, type, timeout)
-
-
 class CountingFactory(server.DNSServerFactory):
     def __init__(self) -> None:
-        super().__init__(authorities=[MemoryZone()])
+        super().__init__(authorities=[MemoryZone(RECORDS, b"broken.example.test")])
         self.asked: list[tuple[bytes, int]] = []
 
     def handleQuery(self, message: dns.Message, protocol: Any, address: Any) -> Any:
@@ -85,17 +65,7 @@ class DNSServerTestCase(TestCase):
 
     def setUp(self) -> None:
         self.dns = CountingFactory()
-        for _ in range(20):
-            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(self.dns), interface="127.0.0.1")
-            port = udp.getHost().port
-            try:
-                tcp = reactor.listenTCP(port, self.dns, interface="127.0.0.1")
-            except CannotListenError:
-                udp.stopListening()
-                continue
-            break
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
+        _, port = startTestDNSServer(self, self.dns, reactor)
         self.resolver = client.Resolver(servers=[("127.0.0.1", port)], reactor=reactor)
         self.check = SenderDomainCheck(lambda: self.resolver, OURS)
 

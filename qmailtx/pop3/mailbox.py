@@ -31,7 +31,9 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import BinaryIO
 
 from qmailtx.delivery.local import maildirsizeLimit
@@ -41,6 +43,8 @@ from qmailtx.vdomain.records import QuotaLimit
 READ_CHUNK = 256 * 1024
 SMALL_MESSAGE = 256 * 1024  # converted in one piece
 LONG_LINE = 64 * 1024  # a line longer than this is sent in pieces
+PARALLEL_UNLINKS = 64  # deletions from which UPDATE unlinks in several threads
+UNLINK_THREADS = 16
 
 
 @dataclass
@@ -107,6 +111,23 @@ def sentSize(f: BinaryIO) -> int:
     return total - crlf + lf + (2 if last not in (b"", b"\n") else 0)
 
 
+def _scanOne(item: tuple[str, str, str], cache: SizeCache | None) -> tuple[int, int, int] | None:
+    """(mtime, CRLF size, file size) of one file; None when it is gone."""
+    _, uid, path = item
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            key = (uid, st.st_size, st.st_mtime_ns)
+            size = cache.get(key) if cache is not None else None
+            if size is None:
+                size = sentSize(f)
+                if cache is not None:
+                    cache.put(key, size)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    return st.st_mtime_ns, size, st.st_size
+
+
 def scanMaildir(maildir: str, cache: SizeCache | None = None) -> list[Message]:
     """The snapshot of ``new/`` and ``cur/`` (blocking). A file that vanishes
     during the scan is left out. Raises OSError when the Maildir is unusable."""
@@ -116,24 +137,18 @@ def scanMaildir(maildir: str, cache: SizeCache | None = None) -> list[Message]:
         folder = os.path.join(maildir, subdir)
         with os.scandir(folder) as entries:
             names = [e.name for e in entries if not e.name.startswith(".")]
+        fresh: list[tuple[str, str, str]] = []
         for name in names:
             uid = uidOf(name)
-            if uid in seen:
-                continue
-            path = os.path.join(folder, name)
-            try:
-                with open(path, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    key = (uid, st.st_size, st.st_mtime_ns)
-                    size = cache.get(key) if cache is not None else None
-                    if size is None:
-                        size = sentSize(f)
-                        if cache is not None:
-                            cache.put(key, size)
-            except (FileNotFoundError, IsADirectoryError):
+            if uid not in seen:
+                fresh.append((name, uid, os.path.join(folder, name)))
+        scanned = [_scanOne(item, cache) for item in fresh]
+        for (name, uid, _), info in zip(fresh, scanned, strict=True):
+            if info is None or uid in seen:
                 continue
             seen.add(uid)
-            found.append((st.st_mtime_ns, name, Message(subdir, name, uid, size, st.st_size)))
+            mtime, size, fileSize = info
+            found.append((mtime, name, Message(subdir, name, uid, size, fileSize)))
     found.sort(key=lambda t: (t[0], t[1]))
     return [m for _, _, m in found]
 
@@ -159,6 +174,10 @@ def locate(maildir: str, message: Message) -> str | None:
 
 def openMessage(maildir: str, message: Message) -> BinaryIO | None:
     """The message file opened for reading, or None when it is gone."""
+    try:
+        return open(message.path(maildir), "rb")  # where the snapshot saw it
+    except FileNotFoundError:
+        pass
     for _ in range(3):  # renamed between locate and open: look again
         path = locate(maildir, message)
         if path is None:
@@ -212,6 +231,10 @@ class _Converter:
 
 def convertAll(data: bytes) -> bytes:
     """A whole message as RETR sends it, terminating dot included."""
+    if data.endswith(b"\n") and b"\r" not in data and b"\n." not in data and data[:1] != b".":
+        # The common case (LF line ends, nothing to dot-stuff): what the
+        # converter gives, in one pass.
+        return data.replace(b"\n", b"\r\n") + b".\r\n"
     converter = _Converter()
     return converter.feed(data) + converter.finish()
 
@@ -304,6 +327,36 @@ def _withSeenFlag(name: str) -> str:
     return f"{base}:2,{''.join(sorted(flags + 'S'))}"
 
 
+def _unlink(maildir: str, message: Message) -> str:
+    """Remove a deleted message: "deleted", "vanished" or "failed". The path
+    of the snapshot is tried first; a rename by another session is looked up
+    only when it is not there."""
+    path: str | None = message.path(maildir)
+    for _ in range(2):
+        assert path is not None
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            path = locate(maildir, message)
+            if path is None:
+                return "vanished"
+            continue
+        except OSError:
+            return "failed"
+        return "deleted"
+    return "vanished"
+
+
+def _unlinkAll(maildir: str, deleted: list[Message]) -> list[str]:
+    """``_unlink`` for each message, in order. Many go through a few threads:
+    an unlink spends most of its time in the file system, without the GIL,
+    and the file systems we run on overlap part of that work."""
+    if len(deleted) < PARALLEL_UNLINKS:
+        return [_unlink(maildir, m) for m in deleted]
+    with ThreadPoolExecutor(UNLINK_THREADS, thread_name_prefix="pop3-unlink") as pool:
+        return list(pool.map(partial(_unlink, maildir), deleted, chunksize=16))
+
+
 def commit(
     maildir: str,
     messages: list[Message],
@@ -312,24 +365,18 @@ def commit(
     """The UPDATE state (blocking): unlink the deleted messages, mark the
     retrieved ones seen, and record the freed space in maildirsize."""
     result = UpdateResult()
-    for message in messages:
-        if message.deleted:
-            path = locate(maildir, message)
-            if path is None:
-                result.vanished += 1
-                continue
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                result.vanished += 1
-                continue
-            except OSError:
-                result.failed.append(message.uid)
-                continue
+    deleted = [m for m in messages if m.deleted]
+    for message, outcome in zip(deleted, _unlinkAll(maildir, deleted), strict=True):
+        if outcome == "vanished":
+            result.vanished += 1
+        elif outcome == "failed":
+            result.failed.append(message.uid)
+        else:
             result.deleted += 1
             size = sizeFromName(message.name)
             result.deletedBytes += size if size is not None else message.fileSize
-        elif message.retrieved:
+    for message in messages:
+        if message.retrieved and not message.deleted:
             path = locate(maildir, message)
             if path is None:
                 continue

@@ -12,7 +12,9 @@ QUIT) later input stays buffered, and reading pauses once that is full.
 States are RFC 1939's: AUTHORIZATION (USER/PASS, APOP, AUTH, STLS, CAPA,
 QUIT), TRANSACTION (STAT, LIST, UIDL, TOP, RETR, DELE, RSET, NOOP, CAPA,
 QUIT) and UPDATE (QUIT in TRANSACTION: ``mailbox.commit`` in a worker
-thread). A dropped connection or an idle timeout never reaches UPDATE.
+thread; the deleted messages, renamed into tmp/ by then, are unlinked
+after the reply). A dropped connection or an idle timeout never reaches
+UPDATE.
 
 USER/PASS and AUTH PLAIN/LOGIN carry the password itself: they are offered
 only inside TLS, to a loopback client, or with ``[pop3] auth_before_tls``;
@@ -56,7 +58,10 @@ from qmailtx.pop3.mailbox import (
     commit,
     convertAll,
     openMessage,
+    purge,
+    readSmall,
     scanMaildir,
+    sweepTrash,
 )
 from qmailtx.smtp.auth import (
     AUTH_LINE_LIMIT,
@@ -433,6 +438,7 @@ class POP3Server(LineServer[bytes]):
         self._address = account.address
         self._maildir = account.maildir
         self._messages = messages
+        self._background("sweep of tmp/", sweepTrash, account.maildir)
         total = sum(m.size for m in messages)
         log.info(
             "POP3 {mechanism} login {user} from {peer}: {count} messages, {octets} octets",
@@ -525,30 +531,33 @@ class POP3Server(LineServer[bytes]):
         return self._send(message, int(words[1]), "+OK top of message follows")
 
     def _send(self, message: Message, lines: int | None, status: str) -> Reply:
+        if lines is None and message.size <= SMALL_MESSAGE:
+            data = readSmall(self._maildir, message, SMALL_MESSAGE)
+            if data is None:
+                return self._vanished(message)
+            message.retrieved = True
+            if len(data) <= SMALL_MESSAGE:
+                self._writeRaw(status.encode("ascii") + b"\r\n" + convertAll(data))
+                return None
+            # It grew: stream it after all.
         f = openMessage(self._maildir, message)
         if f is None:
-            log.info(
-                "POP3 {user}: message {uid} vanished (another session?)",
-                user=self._address,
-                uid=logsafe(message.uid),
-            )
-            return E_VANISHED
+            return self._vanished(message)
         if lines is None:
             message.retrieved = True
-            if message.size <= SMALL_MESSAGE:
-                with f:
-                    data = f.read(SMALL_MESSAGE + 1)
-                if len(data) <= SMALL_MESSAGE:
-                    self._writeRaw(status.encode("ascii") + b"\r\n" + convertAll(data))
-                    return None
-                f = openMessage(self._maildir, message)  # it grew: stream it after all
-                if f is None:
-                    return E_VANISHED
         self._writeRaw(status.encode("ascii") + b"\r\n")
         self._stream = MessageStream(f, lines)
         self._busy = True
         self._pump()
         return None
+
+    def _vanished(self, message: Message) -> Reply:
+        log.info(
+            "POP3 {user}: message {uid} vanished (another session?)",
+            user=self._address,
+            uid=logsafe(message.uid),
+        )
+        return E_VANISHED
 
     def _pump(self) -> None:
         """Send the message being retrieved until the transport has enough."""
@@ -589,6 +598,7 @@ class POP3Server(LineServer[bytes]):
         except Exception:
             log.failure("POP3 {user}: UPDATE failed", user=self._address)
             reply = b"-ERR [SYS/TEMP] unable to update the mailbox"
+            result = UpdateResult()
         else:
             log.info(
                 "POP3 {user} from {peer} quit: {deleted} deleted ({octets} octets),"
@@ -606,7 +616,18 @@ class POP3Server(LineServer[bytes]):
                 reply = f"+OK {self.settings.me} bye ({deleted} deleted)".encode("ascii", "replace")
         self._write(reply)
         self._close()
+        if result.trash:
+            self._background("purge", purge, result.trash)
         return None
+
+    def _background(self, what: str, f: Callable[..., int], *args: Any) -> None:
+        """Disk work the client does not wait for (removing deleted messages)."""
+        d: Deferred[int] = self.factory.runner(f, *args)
+        d.addErrback(
+            lambda failure: log.failure(
+                "POP3 {user}: {what} failed", failure, user=self._address, what=what
+            )
+        )
 
     _authorizationHandlers: dict[str, Callable[[POP3Server, bytes], Any]] = {
         "CAPA": do_CAPA,

@@ -11,6 +11,7 @@ from qmailtx.delivery.maildir import makeMaildir
 from qmailtx.fs import FileSystem
 from qmailtx.pop3.mailbox import (
     LONG_LINE,
+    READ_CHUNK,
     MessageStream,
     SizeCache,
     commit,
@@ -81,6 +82,21 @@ class MaildirTests(SynchronousTestCase):
         messages = scanMaildir(self.maildir, cache)
         self.assertEqual([(m.uid, m.size) for m in messages], [("1.a", 3), ("2.b", 3)])
         self.assertEqual(cache.get(("1.a", 2, 10 * 10**9)), 3)
+
+    def test_snapshotSizesAreWhatRetrSends(self) -> None:
+        samples = [*SAMPLES, b"x" * (READ_CHUNK + 10) + b"\r", b"y\r\n" * (READ_CHUNK // 2)]
+        for i, data in enumerate(samples):
+            self.put("new", f"{i}.sample", data, 10 + i)
+        messages = scanMaildir(self.maildir, SizeCache())
+        self.assertEqual(len(messages), len(samples))
+        for message, data in zip(messages, samples, strict=True):
+            self.assertEqual(message.size, len(unstuffed(convertAll(data))), data[:20])
+            self.assertEqual(message.fileSize, len(data))
+
+    def test_uidsOutsidePrintableAsciiAreHashed(self) -> None:
+        for name in ("a b", "caf\u00e9", "tab\there", "del\x7f"):
+            self.assertEqual(len(uidOf(name)), 32, repr(name))
+        self.assertEqual(uidOf("!~"), "!~")
 
     def test_commitWithoutQuotaFile(self) -> None:
         self.put("new", "1.a,S=2", b"a\n", 10)

@@ -55,7 +55,7 @@ SMALL_MESSAGE = 256 * 1024  # converted in one piece
 LONG_LINE = 64 * 1024  # a line longer than this is sent in pieces
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class Message:
     """One message of the snapshot."""
 

@@ -474,6 +474,10 @@ class POP3Server(LineServer[bytes]):
 
     def _message(self, argument: bytes) -> Message:
         """The message a (1-based) number names; deleted ones are refused."""
+        return self._numbered(argument)[1]
+
+    def _numbered(self, argument: bytes) -> tuple[int, Message]:
+        """(number, message) for a message number; deleted ones are refused."""
         try:
             text = argument.decode("ascii")
             if not text.isdigit():
@@ -486,7 +490,7 @@ class POP3Server(LineServer[bytes]):
         message = self._messages[number - 1]
         if message.deleted:
             raise _NoSuchMessage(E_DELETED)
-        return message
+        return number, message
 
     def do_STAT(self, argument: bytes) -> Reply:
         live = [m for m in self._messages if not m.deleted]
@@ -494,8 +498,7 @@ class POP3Server(LineServer[bytes]):
 
     def _listing(self, argument: bytes, field: Callable[[Message], str], what: str) -> Reply:
         if argument:
-            message = self._message(argument.strip())
-            number = self._messages.index(message) + 1
+            number, message = self._numbered(argument.strip())
             return f"+OK {number} {field(message)}".encode("ascii")
         lines = [f"+OK {what}"]
         lines += [f"{i} {field(m)}" for i, m in enumerate(self._messages, 1) if not m.deleted]

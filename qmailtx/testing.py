@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import authority, common, dns, server
@@ -52,6 +52,27 @@ from qmailtx.vdomain.passwords import PasswordHasher
 from qmailtx.vdomain.realm import MailRealm
 from qmailtx.vdomain.records import Domain, User
 from qmailtx.vdomain.sqlite import SQLiteUserStore
+
+
+class ManualRunner:
+    """A worker ``Runner`` whose jobs run only when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[..., object], tuple[object, ...], Deferred[object]]] = []
+
+    def __call__(self, f: Callable[..., object], *args: object) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        self.pending.append((f, args, d))
+        return d
+
+    def runOne(self) -> None:
+        f, args, d = self.pending.pop(0)
+        d.callback(f(*args))
+
+    def runAll(self) -> None:
+        """Run what is queued now (not what those jobs queue in turn)."""
+        for _ in range(len(self.pending)):
+            self.runOne()
 
 
 def makeTestConfig(folder: str, toml: str = "", me: str = "mx.test") -> Config:

@@ -16,8 +16,10 @@ from qmailtx.pop3.mailbox import (
     SizeCache,
     commit,
     convertAll,
+    purge,
     scanMaildir,
     sentSize,
+    sweepTrash,
     uidOf,
 )
 
@@ -108,6 +110,52 @@ class MaildirTests(SynchronousTestCase):
         self.assertEqual((result.deleted, result.deletedBytes, result.seen), (1, 2, 1))
         self.assertEqual(os.listdir(os.path.join(self.maildir, "cur")), ["2.b:2,S"])
         self.assertFalse(os.path.exists(os.path.join(self.maildir, "maildirsize")))
+
+    def test_commitMovesDeletedIntoTmpAndPurgeUnlinks(self) -> None:
+        self.put("new", "1.a", b"a\n", 10)
+        self.put("cur", "2.b:2,S", b"bb\n", 20)
+        self.put("new", "3.c", b"c\n", 30)
+        messages = scanMaildir(self.maildir)
+        messages[0].deleted = messages[1].deleted = True
+        result = commit(self.maildir, messages)
+        self.assertEqual((result.deleted, result.deletedBytes), (2, 5))
+        self.assertEqual(self.files("new") + self.files("cur"), ["3.c"])
+        self.assertEqual(self.files("tmp"), ["qmailtx-deleted.1.a", "qmailtx-deleted.2.b:2,S"])
+        self.assertEqual(purge(result.trash), 2)
+        self.assertEqual(self.files("tmp"), [])
+        self.assertEqual(purge(result.trash), 0)  # already gone: not an error
+
+    def test_commitWithoutTmpUnlinksAtOnce(self) -> None:
+        self.put("new", "1.a", b"a\n", 10)
+        os.rmdir(os.path.join(self.maildir, "tmp"))
+        messages = scanMaildir(self.maildir)
+        messages[0].deleted = True
+        result = commit(self.maildir, messages)
+        self.assertEqual((result.deleted, result.vanished, result.trash), (1, 0, []))
+        self.assertEqual(self.files("new"), [])
+
+    def test_commitFollowsARenameAndCountsTheVanished(self) -> None:
+        self.put("new", "1.a", b"a\n", 10)
+        self.put("new", "2.b", b"b\n", 20)
+        messages = scanMaildir(self.maildir)
+        os.rename(
+            os.path.join(self.maildir, "new", "1.a"), os.path.join(self.maildir, "cur", "1.a:2,S")
+        )
+        os.unlink(os.path.join(self.maildir, "new", "2.b"))
+        for message in messages:
+            message.deleted = True
+        result = commit(self.maildir, messages)
+        self.assertEqual((result.deleted, result.vanished), (1, 1))
+        self.assertEqual(self.files("tmp"), ["qmailtx-deleted.1.a:2,S"])
+
+    def test_sweepTrashTakesOnlyDeletedMessages(self) -> None:
+        for name in ("qmailtx-deleted.1.a", "2.delivery.in.progress"):
+            self.put("tmp", name, b"x", 10)
+        self.assertEqual(sweepTrash(self.maildir), 1)
+        self.assertEqual(self.files("tmp"), ["2.delivery.in.progress"])
+
+    def files(self, subdir: str) -> list[str]:
+        return sorted(os.listdir(os.path.join(self.maildir, subdir)))
 
     def test_seenFlagKeepsOtherFlags(self) -> None:
         self.put("cur", "1.a:2,RF", b"a\n", 10)

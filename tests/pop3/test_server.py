@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from qmailtx.pop3.factory import POP3Settings
 from qmailtx.pop3.mailbox import convertAll
+from qmailtx.testing import ManualRunner
 from qmailtx.vdomain.passwords import PasswordHasher
 from qmailtx.vdomain.records import UserFlags
 from tests.pop3.harness import ALICE, PASSWORD, POP3Harness, apopDigest
@@ -361,6 +362,28 @@ class TransactionTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.pop.files("new"), [])
         self.assertEqual(self.pop.files("cur"), [self.two + ":2,S"])
+        self.assertEqual(self.pop.files("tmp"), [])  # unlinked after the reply
+
+    def test_quitAnswersBeforeUnlinking(self) -> None:
+        runner = ManualRunner()
+        self.pop.factory.runner = runner
+        self.server.dataReceived(b"DELE 1\r\nQUIT\r\n")
+        runner.runAll()  # the UPDATE
+        self.assertEqual(lines(self.transport)[-1], b"+OK pop.test bye (1 deleted)")
+        # Out of the mailbox at once; the unlink is one more job.
+        self.assertEqual(self.pop.files("new"), [self.two])
+        self.assertEqual(self.pop.files("tmp"), ["qmailtx-deleted." + self.one])
+        runner.runAll()
+        self.assertEqual(self.pop.files("tmp"), [])
+
+    def test_loginSweepsWhatACrashLeftInTmp(self) -> None:
+        self.send(b"QUIT\r\n")
+        tmp = os.path.join(self.pop.maildir, "tmp")
+        for name in ("qmailtx-deleted.1.a", "qmailtx-deleted.2.b:2,S", "3.being.delivered"):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(b"x")
+        self.pop.login()
+        self.assertEqual(self.pop.files("tmp"), ["3.being.delivered"])
 
     def test_quitRecordsDeletionsInMaildirsize(self) -> None:
         path = os.path.join(self.pop.maildir, "maildirsize")

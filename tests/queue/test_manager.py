@@ -32,7 +32,7 @@ from qmailtx.queue.disk import QueueDisk
 from qmailtx.queue.layout import DELIVERED, FAILED, TODO, QueuedMessage
 from qmailtx.queue.manager import QueueManager, QueueSettings
 from qmailtx.queue.store import Queued, QueueStore, synchronousRunner
-from qmailtx.testing import RecordingFileSystem
+from qmailtx.testing import ManualRunner, RecordingFileSystem
 
 Script = Callable[[QueuedMessage, Address], DeliveryResult | Deferred[DeliveryResult]]
 
@@ -389,22 +389,6 @@ class RecoveryTests(ManagerTestCase):
         self.assertEqual(self.local.calls, [])
         self.clock.advance(500)
         self.assertEqual(len(self.local.calls), 1)
-
-
-class ManualRunner:
-    """Disk work that runs only when the test says so."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Callable[..., object], tuple[object, ...], Deferred[object]]] = []
-
-    def __call__(self, f: Callable[..., object], *args: object) -> Deferred[object]:
-        d: Deferred[object] = Deferred()
-        self.pending.append((f, args, d))
-        return d
-
-    def runOne(self) -> None:
-        f, args, d = self.pending.pop(0)
-        d.callback(f(*args))
 
 
 class CrashWindowTests(ManagerTestCase):

@@ -13,6 +13,7 @@ from typing import Any, cast
 from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
@@ -138,6 +139,12 @@ class PoplibTests(TestCase):
             await deferToThread(again),
             [f"{i} {n}".encode() for i, n in enumerate(server.names[1:], 1)],
         )
+        # The deleted message, renamed into tmp/ at QUIT, is unlinked after it.
+        for _ in range(100):
+            if not server.files("tmp"):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(server.files("tmp"), [])
 
     async def test_apopRsetAndDroppedConnection(self) -> None:
         server = await Server(self).start(self)

@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.mail.pop3 import APOPCredentials
 from twisted.python.failure import Failure
@@ -63,16 +62,14 @@ from qmailtx.pop3.mailbox import (
     scanMaildir,
     sweepTrash,
 )
+from qmailtx.sasl import Refused, SASLSession
 from qmailtx.smtp.auth import (
     AUTH_LINE_LIMIT,
     AuthInputError,
     AuthRefused,
     Challenge,
     Credentials,
-    Exchange,
     Step,
-    decodeInitialResponse,
-    decodeResponse,
 )
 from qmailtx.smtp.tls import describeConnection
 from qmailtx.smtp.writethrough import writeNow
@@ -127,9 +124,7 @@ class POP3Server(LineServer[bytes]):
         self.secure = self.settings.implicitTLS
         self.timestamp = b""
         self._state = _AUTHORIZATION
-        self._inAuth = False  # the next line answers an AUTH challenge
-        self._exchange: Exchange | None = None
-        self._penalty: Deferred[None] | None = None
+        self._sasl = SASLSession(factory.clock, factory.throttle)
         self._user: bytes | None = None  # from USER, for PASS
         self._address = ""
         self._maildir = ""
@@ -162,9 +157,7 @@ class POP3Server(LineServer[bytes]):
         self._state = _CLOSED
         self._stopTimer()
         self._closeStream()
-        self._exchange = None
-        if self._penalty is not None:
-            self._penalty.cancel()
+        self._sasl.close()
         self._endLogin()
 
     def handshakeCompleted(self) -> None:
@@ -209,20 +202,20 @@ class POP3Server(LineServer[bytes]):
         self._closeStream()
 
     def lineLimit(self, buf: bytes) -> int:
-        return AUTH_LINE_LIMIT if self._inAuth or buf[:5].upper() == b"AUTH " else COMMAND_LIMIT
+        waiting = self._sasl.waiting
+        return AUTH_LINE_LIMIT if waiting or buf[:5].upper() == b"AUTH " else COMMAND_LIMIT
 
     def lineOverflowed(self) -> None:
         self._write(b"-ERR line too long, closing connection")
 
     def lineReceived(self, line: bytes) -> None:
-        if self._inAuth:
+        if self._sasl.waiting:
             self._answer(self._authResponse(line))
         else:
             self._handleLine(line)
 
     def lineTooLong(self) -> None:
-        self._inAuth = False
-        self._exchange = None
+        self._sasl.abandon()
         self._badCommand(E_TOO_LONG)
 
     def _handleLine(self, line: bytes) -> None:
@@ -367,36 +360,28 @@ class POP3Server(LineServer[bytes]):
         if name not in self.factory.mechanisms(self.plaintextAllowed):
             raise _Bad(E_PLAINTEXT)
         self._user = None
-        exchange = self.factory.exchange(name)
+        initial = words[1] if len(words) == 2 else None
         try:
-            initial = decodeInitialResponse(words[1]) if len(words) == 2 else None
-            step = exchange.start(initial)
+            step = self._sasl.start(self.factory.exchange(name), initial)
         except AuthInputError as e:
             raise _Bad(b"-ERR " + e.reply.text.encode("ascii")) from None
-        except AuthRefused:
-            return Deferred.fromCoroutine(self._penalise(exchange.name))
-        return self._authStep(exchange, step)
+        return self._authStep(step)
 
     def _authResponse(self, line: bytes) -> Answer:
-        exchange, self._exchange = self._exchange, None
-        self._inAuth = False
-        assert exchange is not None
         try:
-            step = exchange.respond(decodeResponse(line))
+            step = self._sasl.respond(line)
         except AuthInputError as e:
             self._badCommand(b"-ERR " + e.reply.text.encode("ascii"))
             return None
-        except AuthRefused:
-            return Deferred.fromCoroutine(self._penalise(exchange.name))
-        return self._authStep(exchange, step)
+        return self._authStep(step)
 
-    def _authStep(self, exchange: Exchange, step: Step) -> Answer:
+    def _authStep(self, step: Step | Refused) -> Answer:
+        if isinstance(step, Refused):
+            return Deferred.fromCoroutine(self._penalise(self._sasl.mechanism))
         if isinstance(step, Challenge):
-            self._exchange = exchange
-            self._inAuth = True
             self._writeRaw(b"+ " + base64.b64encode(step.data) + b"\r\n")
             return None
-        return Deferred.fromCoroutine(self._login(exchange.name, step))
+        return Deferred.fromCoroutine(self._login(self._sasl.mechanism, step))
 
     async def _login(self, mechanism: str, credentials: Credentials | APOPCredentials) -> Reply:
         try:
@@ -432,7 +417,7 @@ class POP3Server(LineServer[bytes]):
         if self._state != _AUTHORIZATION:
             logout()
             return None
-        self.factory.throttle.succeeded(self.peerHost)
+        self._sasl.succeeded(self.peerHost)
         self._state = _TRANSACTION
         self._logout = logout
         self._address = account.address
@@ -451,23 +436,15 @@ class POP3Server(LineServer[bytes]):
         return f"+OK maildrop has {len(messages)} messages ({total} octets)".encode("ascii")
 
     async def _penalise(self, mechanism: str) -> Reply:
-        delay = self.factory.throttle.failed(self.peerHost)
+        delay = self._sasl.failed(self.peerHost)
         log.info(
             "POP3 {mechanism} refused from {peer}; answering in {delay} s",
             mechanism=mechanism,
             peer=self.peerHost,
             delay=delay,
         )
-        if self._state == _CLOSED:
-            return None
-        self._penalty = deferLater(self.factory.clock, delay, lambda: None)
-        try:
-            await self._penalty
-        except CancelledError:
-            return None
-        finally:
-            self._penalty = None
-        self._badCommand(E_AUTH_FAILED)
+        if self._state != _CLOSED and await self._sasl.wait(delay):
+            self._badCommand(E_AUTH_FAILED)
         return None
 
     # -- TRANSACTION -------------------------------------------------------------

@@ -27,9 +27,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -43,6 +42,7 @@ from qmailtx.queue.disk import isDiskFull
 from qmailtx.queue.filter import QueueRefused
 from qmailtx.queue.store import Spool
 from qmailtx.reply import SMTPRejection, SMTPReply
+from qmailtx.sasl import Refused, SASLSession
 from qmailtx.smtp.auth import (
     AUTH_LINE_LIMIT,
     R_AUTH_AGAIN,
@@ -60,11 +60,8 @@ from qmailtx.smtp.auth import (
     AuthRefused,
     Challenge,
     Credentials,
-    Exchange,
     Login,
     Step,
-    decodeInitialResponse,
-    decodeResponse,
 )
 from qmailtx.smtp.commands import parseCommand, parsePathCommand
 from qmailtx.smtp.data import BareLineEnding, DataParser
@@ -79,7 +76,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-_COMMAND, _DATA, _AUTH, _CLOSED = "command", "data", "auth", "closed"
+_COMMAND, _DATA, _CLOSED = "command", "data", "closed"
 
 R_OK = SMTPReply(250, "2.0.0", "ok")
 R_MAIL_OK = SMTPReply(250, "2.1.0", "ok")
@@ -119,9 +116,8 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._data: DataParser | None = None
         self._spool: Spool | None = None
         self._checks: list[IDataCheck] = []
-        self._exchange: Exchange | None = None  # the AUTH exchange waiting for a line
+        self._sasl = SASLSession(factory.clock, factory.throttle)
         self._logout: Callable[[], None] | None = None
-        self._penalty: Deferred[None] | None = None  # a failed AUTH's delay
 
     # -- connection ---------------------------------------------------------
 
@@ -142,9 +138,7 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._mode = _CLOSED
         self._stopTimer()
         self._abortData()
-        self._exchange = None
-        if self._penalty is not None:
-            self._penalty.cancel()
+        self._sasl.close()
         self._endLogin()
 
     def handshakeCompleted(self) -> None:
@@ -199,14 +193,13 @@ class ESMTPServer(LineServer[SMTPReply]):
         """Longest line accepted: AUTH lines (the command and the exchange's
         responses) may be longer than commands (RFC 4954)."""
         limit = self.settings.maxCommandLine
-        if self._mode == _AUTH or buf[:5].upper() == b"AUTH ":
+        if self._sasl.waiting or buf[:5].upper() == b"AUTH ":
             return max(limit, AUTH_LINE_LIMIT)
         return limit
 
     def lineTooLong(self) -> None:
-        if self._mode == _AUTH:
-            self._exchange = None
-            self._mode = _COMMAND
+        if self._sasl.waiting:
+            self._sasl.abandon()
             self._badCommand(R_AUTH_TOO_LONG)
         else:
             self._badCommand(R_TOO_LONG)
@@ -215,7 +208,7 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._write(SMTPReply(421, "4.7.0", "line too long, closing connection"))
 
     def lineReceived(self, line: bytes) -> None:
-        if self._mode == _AUTH:
+        if self._sasl.waiting:
             self._answer(self._authResponse(line))
         else:
             self._handleLine(line)
@@ -431,7 +424,7 @@ class ESMTPServer(LineServer[SMTPReply]):
         """RFC 3207 4.2: forget what the client told us (HELO, transaction, AUTH)."""
         old = self.session
         self._endLogin()
-        self._exchange = None
+        self._sasl.abandon()
         self.session = SMTPSession(
             old.peerHost,
             old.peerPort,
@@ -462,52 +455,43 @@ class ESMTPServer(LineServer[SMTPReply]):
             raise SMTPRejection(R_AUTH_ENCRYPT)
         exchange = auth.exchange(name, self.factory.clock.seconds())
         try:
-            initial = decodeInitialResponse(words[1]) if len(words) == 2 else None
-            step = exchange.start(initial)
+            step = self._sasl.start(exchange, words[1] if len(words) == 2 else None)
         except AuthInputError as e:
             raise SMTPRejection(e.reply) from None
-        except AuthRefused:
-            return self._loginFailed(exchange)
-        return self._authStep(exchange, step)
+        return self._authStep(step)
 
     def _authResponse(self, line: bytes) -> SMTPReply | Deferred[SMTPReply | None] | None:
         """One client line of the AUTH exchange (never a command)."""
-        exchange, self._exchange = self._exchange, None
-        self._mode = _COMMAND
-        assert exchange is not None
         try:
-            step = exchange.respond(decodeResponse(line))
+            step = self._sasl.respond(line)
         except AuthInputError as e:
             self._badCommand(e.reply)
             return None
-        except AuthRefused:
-            return self._loginFailed(exchange)
-        return self._authStep(exchange, step)
+        return self._authStep(step)
 
-    def _authStep(
-        self, exchange: Exchange, step: Step
-    ) -> SMTPReply | Deferred[SMTPReply | None] | None:
+    def _authStep(self, step: Step | Refused) -> SMTPReply | Deferred[SMTPReply | None] | None:
+        if isinstance(step, Refused):
+            return Deferred.fromCoroutine(self._penalise(self.session))
         if isinstance(step, Challenge):
-            self._exchange = exchange
-            self._mode = _AUTH
             if self.transport is not None:
                 writeNow(self.transport, step.toBytes())
             return None
-        return Deferred.fromCoroutine(self._login(exchange, step))
+        return Deferred.fromCoroutine(self._login(step))
 
-    async def _login(self, exchange: Exchange, credentials: Credentials) -> SMTPReply | None:
+    async def _login(self, credentials: Credentials) -> SMTPReply | None:
         auth = self.factory.auth
         assert auth is not None
         session = self.session
+        mechanism = self._sasl.mechanism
         try:
             login: Login = await auth.login(credentials)
         except (UnauthorizedLogin, AuthRefused):
-            return await self._penalise(exchange, session)
+            return await self._penalise(session)
         except DatabaseUnavailable as e:
             log.warn(
                 "AUTH {mechanism} from {peer} session {session}: user database unavailable:"
                 " {error}",
-                mechanism=exchange.name,
+                mechanism=mechanism,
                 peer=session.peerHost,
                 session=session.sessionId,
                 error=str(e),
@@ -516,7 +500,7 @@ class ESMTPServer(LineServer[SMTPReply]):
         except Exception:
             log.failure(
                 "AUTH {mechanism} from {peer} session {session} failed",
-                mechanism=exchange.name,
+                mechanism=mechanism,
                 peer=session.peerHost,
                 session=session.sessionId,
             )
@@ -526,39 +510,28 @@ class ESMTPServer(LineServer[SMTPReply]):
             return None
         session.authenticatedAs = login.address
         self._logout = login.logout
-        self.factory.throttle.succeeded(session.peerHost)
+        self._sasl.succeeded(session.peerHost)
         log.info(
             "AUTH {mechanism} as {user} from {peer} session {session}",
-            mechanism=exchange.name,
+            mechanism=mechanism,
             user=login.address,
             peer=session.peerHost,
             session=session.sessionId,
         )
         return R_AUTH_OK
 
-    def _loginFailed(self, exchange: Exchange) -> Deferred[SMTPReply | None]:
-        return Deferred.fromCoroutine(self._penalise(exchange, self.session))
-
-    async def _penalise(self, exchange: Exchange, session: SMTPSession) -> SMTPReply | None:
+    async def _penalise(self, session: SMTPSession) -> SMTPReply | None:
         """A refused login: 535 after the client address's penalty delay."""
-        delay = self.factory.throttle.failed(session.peerHost)
+        delay = self._sasl.failed(session.peerHost)
         log.info(
             "AUTH {mechanism} refused from {peer} session {session}; answering in {delay} s",
-            mechanism=exchange.name,
+            mechanism=self._sasl.mechanism,
             peer=session.peerHost,
             session=session.sessionId,
             delay=delay,
         )
-        if self._mode == _CLOSED:
-            return None
-        self._penalty = deferLater(self.factory.clock, delay, lambda: None)
-        try:
-            await self._penalty
-        except CancelledError:
-            return None
-        finally:
-            self._penalty = None
-        self._badCommand(R_AUTH_FAILED)
+        if self._mode != _CLOSED and await self._sasl.wait(delay):
+            self._badCommand(R_AUTH_FAILED)
         return None
 
     _handlers: dict[str, Callable[[ESMTPServer, str], Any]] = {

@@ -177,6 +177,10 @@ class RemoteDeliveryAgent:
     def batchKey(self, recipient: Address) -> object:
         return recipient.domain.lower()
 
+    def batchLimit(self, key: object) -> int | None:
+        """``[remote] concurrency_per_domain``, for every domain (the key)."""
+        return max(self.settings.perDomain, 1)
+
     def deliver(
         self,
         message: QueuedMessage,

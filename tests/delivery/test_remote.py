@@ -170,6 +170,9 @@ class RemoteAgentTests(SynchronousTestCase):
         h = Harness({}, [MX1])
         verifyObject(IDeliveryAgent, h.agent)
         self.assertEqual(h.agent.batchKey(Address("Bob", "Example.ORG")), "example.org")
+        self.assertEqual(h.agent.batchLimit("example.org"), 20)
+        h = Harness({}, [MX1], perDomain=3)
+        self.assertEqual(h.agent.batchLimit("example.org"), 3)
 
     def test_deliveredTextNamesTheIPAndTheReply(self) -> None:
         h = Harness({"192.0.2.1": accepted(2)}, [MX1, MX2])

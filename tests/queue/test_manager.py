@@ -52,6 +52,9 @@ class ScriptedAgent:
     def batchKey(self, recipient: Address) -> object:
         return recipient
 
+    def batchLimit(self, key: object) -> int | None:
+        return None
+
     def deliver(
         self,
         message: QueuedMessage,

@@ -59,4 +59,14 @@ class IDeliveryAgent(Interface):
         """
 
     def batchKey(recipient: Address) -> object:
-        """Recipients with equal keys may share one ``deliver`` call."""
+        """Recipients with equal keys may share one ``deliver`` call.
+
+        Keys are hashable; the queue manager also counts running
+        deliveries per key (see ``batchLimit``)."""
+
+    def batchLimit(key: object) -> int | None:
+        """How many ``deliver`` calls for ``key`` (a ``batchKey``) may run at
+        once, or None for no limit beyond the channel's concurrency.
+
+        The queue manager enforces it: a delivery waiting for its key's
+        turn takes none of the channel's slots. Answers synchronously."""

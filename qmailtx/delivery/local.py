@@ -154,6 +154,9 @@ class LocalDeliveryAgent:
     def batchKey(self, recipient: Address) -> object:
         return recipient  # qmail-local delivers one recipient at a time
 
+    def batchLimit(self, key: object) -> int | None:
+        return None  # concurrencylocal alone
+
     def deliver(
         self,
         message: QueuedMessage,

@@ -16,9 +16,11 @@ section 2.3.5; see decisions.md), so the address logged is the address sent
 the remote reply, and every attempt is logged with the same fields.
 
 Connections leave from ``outgoingip`` (P12, per destination domain) when it
-matches the destination's address family. Concurrency: the queue manager's
-``concurrencyremote`` bounds all deliveries; this agent also bounds those to
-one domain (``[remote] concurrency_per_domain``).
+matches the destination's address family. Concurrency is the queue
+manager's: ``concurrencyremote`` bounds all deliveries, and ``batchLimit``
+tells it ``[remote] concurrency_per_domain``, the bound for one domain. The
+agent itself delivers whatever it is given at once: a delivery waiting for
+its domain's turn waits in the queue manager, holding none of its slots.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -171,11 +173,14 @@ class RemoteDeliveryAgent:
         self.settings = settings
         self._send: Sender = send if send is not None else sendMessage
         self.tlsCreator = tlsCreator
-        self._limits: dict[str, DeferredSemaphore] = {}
         self.active = 0  # deliveries running (connections open or opening)
 
     def batchKey(self, recipient: Address) -> object:
         return recipient.domain.lower()
+
+    def batchLimit(self, key: object) -> int | None:
+        """``[remote] concurrency_per_domain``, for every domain (the key)."""
+        return max(self.settings.perDomain, 1)
 
     def deliver(
         self,
@@ -183,29 +188,20 @@ class RemoteDeliveryAgent:
         recipients: list[Address],
         whenDelivered: Callable[[], None] | None = None,
     ) -> Deferred[list[DeliveryResult]]:
-        return Deferred.fromCoroutine(self._deliverLimited(message, recipients, whenDelivered))
+        return Deferred.fromCoroutine(self._deliverCounted(message, recipients, whenDelivered))
 
-    # -- per-domain concurrency ----------------------------------------------
-
-    async def _deliverLimited(
+    async def _deliverCounted(
         self,
         message: QueuedMessage,
         recipients: list[Address],
         whenDelivered: Callable[[], None] | None,
     ) -> list[DeliveryResult]:
         domain = recipients[0].domain.lower() if recipients else ""
-        limit = self._limits.get(domain)
-        if limit is None:
-            limit = self._limits[domain] = DeferredSemaphore(max(self.settings.perDomain, 1))
-        await limit.acquire()
         self.active += 1
         try:
             results = await self._deliver(message, recipients, domain)
         finally:
             self.active -= 1
-            limit.release()
-            if limit.tokens == limit.limit and not limit.waiting:
-                del self._limits[domain]  # the dict holds busy domains only
         if whenDelivered is not None and all(r.outcome is Outcome.DELIVERED for r in results):
             try:
                 await self._run(whenDelivered)

@@ -3,7 +3,10 @@
 New messages are scheduled the moment the store commits them; a start-up
 scan recovers what a crash left. Each recipient belongs to a channel (local
 or remote); an *attempt* delivers a message's due recipients of one channel,
-in jobs that wait for a slot under the channel's concurrency limit. When an
+in jobs (one per ``batchKey``: a domain, for remote delivery) that wait for
+a slot under the channel's concurrency limit and the agent's ``batchLimit``
+for their key; a job waiting for a saturated key (a slow domain) takes none
+of the channel's slots, so it does not hold up other keys' jobs. When an
 attempt ends, in this order: permanent failures are bounced (the bounce is
 durable before anything else changes), delivered and bounced recipients are
 marked done in the queue file (or the file is removed when nothing is left),
@@ -24,8 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -53,6 +55,7 @@ from qmailtx.queue.disk import ScanResult
 from qmailtx.queue.filter import QueueRefused
 from qmailtx.queue.layout import DELIVERED, FAILED, TODO, QueuedMessage
 from qmailtx.queue.schedule import GIVE_UP, isFinalAttempt, nextRetry
+from qmailtx.queue.slots import SlotQueue
 from qmailtx.queue.store import QueueStore
 
 log = Logger()
@@ -88,6 +91,7 @@ class _Attempt:
 @dataclass
 class _Job:
     attempt: _Attempt
+    key: Hashable  # the agent's batchKey
     indices: list[int]
 
 
@@ -110,8 +114,11 @@ class QueueManager(Service):
         self._seq = itertools.count()
         self._deliveryIds = itertools.count(1)
         self._timer: IDelayedCall | None = None
-        self._waiting: dict[str, deque[_Job]] = {c: deque() for c in self.agents}
-        self._active: dict[str, int] = {c: 0 for c in self.agents}
+        # per channel: waiting jobs, and the slots (channel and key) taken
+        self._slots: dict[str, SlotQueue[_Job]] = {
+            channel: SlotQueue(settings.concurrency.get(channel, 1), agent.batchLimit)
+            for channel, agent in self.agents.items()
+        }
         self._idleWaiters: list[Deferred[None]] = []
         self._stopping = False
         self.recovered: Deferred[ScanResult] = Deferred()
@@ -137,8 +144,8 @@ class QueueManager(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        for jobs in self._waiting.values():
-            jobs.clear()  # still queued on disk; taken up again at the next start
+        for slots in self._slots.values():
+            slots.clear()  # still queued on disk; taken up again at the next start
         return self.whenIdle().addCallback(self._forget)
 
     def _forget(self, _: object) -> None:
@@ -158,7 +165,7 @@ class QueueManager(Service):
         return d
 
     def _isIdle(self) -> bool:
-        return not any(self._active.values())
+        return not any(slots.running for slots in self._slots.values())
 
     def _checkIdle(self) -> None:
         if self._isIdle():
@@ -318,20 +325,24 @@ class QueueManager(Service):
         state.nextAttempt.pop(channel, None)
         state.busy.add(channel)
         agent = self.agents[channel]
-        batches: dict[object, list[int]] = {}
+        batches: dict[Hashable, list[int]] = {}
         for i in pending:
             batches.setdefault(agent.batchKey(message.recipients[i]), []).append(i)
         attempt = _Attempt(state, channel, outstanding=len(batches))
-        for indices in batches.values():
-            self._waiting[channel].append(_Job(attempt, indices))
+        slots = self._slots[channel]
+        for key, indices in batches.items():
+            slots.add(key, _Job(attempt, key, indices))
         self._pump(channel)
 
     def _pump(self, channel: str) -> None:
-        limit = self.settings.concurrency.get(channel, 1)
-        waiting = self._waiting[channel]
-        while waiting and self._active[channel] < limit and not self._stopping:
-            self._active[channel] += 1
-            self._runJob(waiting.popleft())
+        """Start the waiting jobs that have room, oldest first; each takes a
+        channel slot and one of its key's, kept until ``_releaseSlot``."""
+        slots = self._slots[channel]
+        while not self._stopping:
+            taken = slots.take()
+            if taken is None:
+                return
+            self._runJob(taken[1])
 
     def _runJob(self, job: _Job) -> None:
         attempt = job.attempt
@@ -377,11 +388,13 @@ class QueueManager(Service):
         d.addErrback(self._bug, message.msgid)
 
     def _jobDone(self, results: list[DeliveryResult], job: _Job, delivery: int) -> None:
-        """Record a job's results, then free its slot.
+        """Record a job's results, then free its slots.
 
-        The slot stays taken until the deliveries it made are on disk (their
-        recipients marked done, or the message removed), so a crash repeats
-        at most as many deliveries as the channel's concurrency allows.
+        The slots (the channel's and the key's) stay taken until the
+        deliveries the job made are on disk (their recipients marked done,
+        or the message removed), so a crash repeats at most as many
+        deliveries as the channel's concurrency allows, and to one key at
+        most as many as its ``batchLimit``.
         """
         attempt = job.attempt
         state = attempt.state
@@ -406,7 +419,7 @@ class QueueManager(Service):
                 state.message.states[index] = DELIVERED
             state.busy.discard(attempt.channel)
             self._ended(state)
-            self._releaseSlot(None, attempt.channel)
+            self._releaseSlot(None, job)
             return
         if attempt.outstanding == 0:
             d = state.lock.run(self._finishAttempt, attempt)
@@ -415,10 +428,11 @@ class QueueManager(Service):
         else:
             d = succeed(None)
         d.addErrback(self._bug, state.message.msgid)
-        d.addBoth(self._releaseSlot, attempt.channel)
+        d.addBoth(self._releaseSlot, job)
 
-    def _releaseSlot(self, _: object, channel: str) -> None:
-        self._active[channel] -= 1
+    def _releaseSlot(self, _: object, job: _Job) -> None:
+        channel = job.attempt.channel
+        self._slots[channel].release(job.key)
         self._pump(channel)
         self._checkIdle()
 

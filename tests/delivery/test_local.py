@@ -139,6 +139,7 @@ class ResolutionTests(_Fixture, SynchronousTestCase):
 
     def test_userMaildir(self) -> None:
         verifyObject(IDeliveryAgent, self.agent())
+        self.assertIsNone(self.agent().batchLimit(Address("alice", "example.com")))
         result = self.deliver("Alice@Example.COM")
         self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
         self.assertEqual(

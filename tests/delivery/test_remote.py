@@ -170,6 +170,9 @@ class RemoteAgentTests(SynchronousTestCase):
         h = Harness({}, [MX1])
         verifyObject(IDeliveryAgent, h.agent)
         self.assertEqual(h.agent.batchKey(Address("Bob", "Example.ORG")), "example.org")
+        self.assertEqual(h.agent.batchLimit("example.org"), 20)
+        h = Harness({}, [MX1], perDomain=3)
+        self.assertEqual(h.agent.batchLimit("example.org"), 3)
 
     def test_deliveredTextNamesTheIPAndTheReply(self) -> None:
         h = Harness({"192.0.2.1": accepted(2)}, [MX1, MX2])
@@ -357,7 +360,9 @@ class RemoteAgentTests(SynchronousTestCase):
         self.successResultOf(h.deliver("a@example.org", whenDelivered=lambda: ran.append(2)))
         self.assertEqual(ran, [1])
 
-    def test_perDomainLimit(self) -> None:
+    def test_deliversAtOnceTheQueueManagerLimitsDomains(self) -> None:
+        """The per-domain bound is the queue manager's (``batchLimit``): the
+        agent starts every delivery it is given, and counts them."""
         held: list[Deferred[TransactionResult]] = []
 
         class Holding(FakeSender):
@@ -368,18 +373,18 @@ class RemoteAgentTests(SynchronousTestCase):
                 return d
 
         h = Harness({"192.0.2.1": None}, [MX1], perDomain=2)
+        self.assertEqual(h.agent.batchLimit("example.org"), 2)
         h.agent._send = h.sender = Holding({"192.0.2.1": None})
-        pending = [h.deliver(f"u{i}@example.org") for i in range(5)]
+        pending = [h.deliver(f"u{i}@example.org") for i in range(3)]
         other = h.deliver("x@other.example")
-        self.assertEqual(len(held), 3)  # two for example.org, one for other.example
-        self.assertEqual(h.agent.active, 3)
+        self.assertEqual(len(held), 4)  # no waiting inside the agent
+        self.assertEqual(h.agent.active, 4)
         while held:
             held.pop(0).callback(accepted())
         for d in [*pending, other]:
             [r] = self.successResultOf(d)
             self.assertEqual(r.outcome, Outcome.DELIVERED)
-        self.assertEqual(len(h.sender.calls), 6)
-        self.assertEqual(h.agent._limits, {})  # idle domains are forgotten
+        self.assertEqual(h.agent.active, 0)
 
 
 class OwnAddressTests(SynchronousTestCase):

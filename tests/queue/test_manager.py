@@ -41,16 +41,31 @@ Script = Callable[[QueuedMessage, Address], DeliveryResult | Deferred[DeliveryRe
 class ScriptedAgent:
     """Answers each recipient with ``script(message, recipient)``; records the calls."""
 
-    def __init__(self, clock: MemoryReactorClock, script: Script) -> None:
+    def __init__(
+        self,
+        clock: MemoryReactorClock,
+        script: Script,
+        byDomain: bool = False,
+        perKey: int | None = None,
+    ) -> None:
+        """``byDomain``: batch by domain (as remote delivery does), not by
+        recipient; ``perKey``: what ``batchLimit`` answers."""
         self.clock = clock
         self.script = script
+        self.byDomain = byDomain
+        self.perKey = perKey
         self.calls: list[tuple[float, str, str]] = []
         self.active = 0
         self.maxActive = 0
+        self.activeByKey: dict[object, int] = {}
+        self.maxByKey: dict[object, int] = {}
         self.finalized = 0  # times the agent removed a finished queue file
 
     def batchKey(self, recipient: Address) -> object:
-        return recipient
+        return recipient.domain if self.byDomain else recipient
+
+    def batchLimit(self, key: object) -> int | None:
+        return self.perKey
 
     def deliver(
         self,
@@ -69,11 +84,15 @@ class ScriptedAgent:
             return [r]
 
         if isinstance(result, Deferred):
+            key = self.batchKey(recipient)
             self.active += 1
             self.maxActive = max(self.maxActive, self.active)
+            self.activeByKey[key] = self.activeByKey.get(key, 0) + 1
+            self.maxByKey[key] = max(self.maxByKey.get(key, 0), self.activeByKey[key])
 
             def left(r: DeliveryResult) -> DeliveryResult:
                 self.active -= 1
+                self.activeByKey[key] -= 1
                 return r
 
             return result.addCallback(left).addCallback(done)
@@ -116,10 +135,16 @@ class ManagerTestCase(SynchronousTestCase):
         remote: Script | None = None,
         concurrency: int = 10,
         lifetime: float = 604800,
+        remoteConcurrency: int | None = None,
+        remoteByDomain: bool = False,
+        remotePerDomain: int | None = None,
     ) -> QueueManager:
         self.local = ScriptedAgent(self.clock, local)
         self.remote = ScriptedAgent(
-            self.clock, remote or (lambda m, r: temporary("later (#4.4.1)"))
+            self.clock,
+            remote or (lambda m, r: temporary("later (#4.4.1)")),
+            byDomain=remoteByDomain or remotePerDomain is not None,
+            perKey=remotePerDomain,
         )
         verifyObject(IDeliveryAgent, self.local)
         manager = QueueManager(
@@ -128,7 +153,9 @@ class ManagerTestCase(SynchronousTestCase):
             {"local": self.local, "remote": self.remote},
             lambda r: "local" if r.domain in ("mx.test", "localhost") else "remote",
             QueueSettings(
-                {"local": concurrency, "remote": concurrency}, lifetime, bounceSettings()
+                {"local": concurrency, "remote": remoteConcurrency or concurrency},
+                lifetime,
+                bounceSettings(),
             ),
         )
         manager.startService()
@@ -419,6 +446,134 @@ class CrashWindowTests(ManagerTestCase):
             }
             self.assertLessEqual(len(deliveredTo & stillToDo), 2)
         self.assertEqual(len(self.local.calls), 6)
+        self.assertEqual(self.disk.scan().messages, [])
+
+
+class PerKeyLimitTests(ManagerTestCase):
+    """The agent's ``batchLimit`` is enforced by the queue manager: a job
+    waiting for a saturated key holds none of the channel's slots."""
+
+    def slowThenFast(
+        self, slow: int = 6
+    ) -> tuple[QueueManager, list[Deferred[DeliveryResult]], list[str]]:
+        pending, hold = held()
+        manager = self.makeManager(
+            lambda m, r: delivered("ok"), hold, remoteConcurrency=4, remotePerDomain=1
+        )
+        msgids = [self.inject("a@mx.test", f"u{i}@slow.example") for i in range(slow)]
+        msgids.append(self.inject("a@mx.test", "u@fast.example"))
+        return manager, pending, msgids
+
+    def started(self) -> list[tuple[str, str]]:
+        return [(msgid, rcpt.split("@")[1]) for _, msgid, rcpt in self.remote.calls]
+
+    def test_slowDomainDoesNotStarveTheOthers(self) -> None:
+        _, pending, msgids = self.slowThenFast()
+        # slow.example's first delivery is still running, fast.example's started
+        self.assertEqual(
+            self.started(), [(msgids[0], "slow.example"), (msgids[-1], "fast.example")]
+        )
+        self.assertEqual(self.remote.activeByKey, {"slow.example": 1, "fast.example": 1})
+        pending[1].callback(delivered("ok"))  # fast.example done: slow.example still waits
+        self.assertEqual(len(self.remote.calls), 2)
+        self.assertEqual(self.remote.maxByKey["slow.example"], 1)
+
+    def test_nextJobOfTheDomainStartsInOrder(self) -> None:
+        _, pending, msgids = self.slowThenFast()
+        pending.pop(1).callback(delivered("ok"))  # fast.example
+        while pending:
+            self.assertEqual(self.remote.activeByKey["slow.example"], 1)
+            pending.pop(0).callback(delivered("ok"))
+        slow = [msgid for msgid, domain in self.started() if domain == "slow.example"]
+        self.assertEqual(slow, msgids[:-1])
+        self.assertEqual(self.remote.maxByKey["slow.example"], 1)
+        self.assertEqual(self.queuedMessages(), [])
+
+    def test_oldestStartableJobTakesAFreedSlot(self) -> None:
+        _, pending, msgids = self.slowThenFast()
+        others = [self.inject("a@mx.test", f"u@d{i}.example") for i in range(3)]
+        # 4 slots: slow.example, fast.example and the first two others
+        self.assertEqual(
+            self.started(),
+            [
+                (msgids[0], "slow.example"),
+                (msgids[-1], "fast.example"),
+                (others[0], "d0.example"),
+                (others[1], "d1.example"),
+            ],
+        )
+        pending[0].callback(delivered("ok"))  # slow.example's next is older than d2's
+        self.assertEqual(self.started()[-1], (msgids[1], "slow.example"))
+        pending[1].callback(delivered("ok"))  # fast.example: slow.example is busy, d2 goes
+        self.assertEqual(self.started()[-1], (others[2], "d2.example"))
+        self.assertEqual(self.remote.active, 4)
+
+    def test_withoutAKeyLimitOnlyTheChannelLimitCounts(self) -> None:
+        pending, hold = held()
+        self.makeManager(
+            lambda m, r: delivered("ok"), hold, remoteConcurrency=4, remoteByDomain=True
+        )
+        msgids = [self.inject("a@mx.test", f"u{i}@slow.example") for i in range(6)]
+        fast = self.inject("a@mx.test", "u@fast.example")
+        self.assertEqual(self.remote.activeByKey, {"slow.example": 4})
+        while pending:
+            pending.pop(0).callback(delivered("ok"))
+        self.assertEqual([msgid for _, msgid, _ in self.remote.calls], [*msgids, fast])
+        self.assertEqual(self.remote.maxActive, 4)
+        self.assertEqual(self.queuedMessages(), [])
+
+    def test_stopWaitsForRunningJobsOnly(self) -> None:
+        manager, pending, msgids = self.slowThenFast()
+        stopped: list[None] = []
+        manager.stopService().addCallback(stopped.append)
+        pending[0].callback(delivered("ok"))
+        self.assertEqual(stopped, [])
+        pending[1].callback(delivered("ok"))
+        self.assertEqual(stopped, [None])
+        self.assertEqual(len(self.remote.calls), 2)  # the waiting ones stay queued
+        self.assertEqual(len(self.queuedMessages()), len(msgids) - 2)
+
+    def test_slotsAreHeldUntilTheDeliveryIsRecorded(self) -> None:
+        """A finished-but-unrecorded delivery keeps its domain's slot (and
+        its channel slot), so a crash repeats at most ``batchLimit``
+        deliveries to one domain."""
+        runner = ManualRunner()
+        self.store = QueueStore(self.disk, runner)
+        manager = self.makeManager(
+            lambda m, r: delivered("ok"),
+            lambda m, r: delivered("ok"),
+            remoteConcurrency=4,
+            remotePerDomain=1,
+        )
+        for i in range(3):
+            # two jobs per message: its file is marked, not removed, by the agent
+            message = self.disk.inject(
+                self.clock.seconds(),
+                Address("a", "b.example"),
+                [Address(f"u{i}", "slow.example"), Address(f"v{i}", f"d{i}.example")],
+                b"x\n",
+                {},
+            )
+            manager.add(message)
+        # slow.example's first ran and the others' (which wait for the disk
+        # holding their slots); slow.example's next two wait holding none
+        self.assertEqual(
+            [rcpt for _, _, rcpt in self.remote.calls],
+            ["u0@slow.example", "v0@d0.example", "v1@d1.example", "v2@d2.example"],
+        )
+        while runner.pending:
+            runner.runOne()
+            calls = [rcpt for _, _, rcpt in self.remote.calls]
+            stillToDo = {
+                str(r)
+                for m in self.disk.scan().messages
+                for r, state in zip(m.recipients, m.states, strict=True)
+                if state == TODO
+            }
+            unrecorded = set(calls) & stillToDo
+            self.assertLessEqual(len(unrecorded), 4)
+            self.assertLessEqual(len({r for r in unrecorded if r.endswith("@slow.example")}), 1)
+        self.assertEqual(len(self.remote.calls), 6)
         self.assertEqual(self.disk.scan().messages, [])
 
 

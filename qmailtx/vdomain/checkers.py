@@ -13,6 +13,11 @@ itself, for a temporary reply (454).
 
 Service flags are vpopmail's: NO_SMTP refuses SMTP AUTH, NO_POP POP3,
 NO_IMAP IMAP. A user with an empty password hash cannot log in.
+
+A successful plain-password login whose stored hash ``needsRehash`` (legacy
+crypt formats imported from vpopmail, scrypt below the configured cost)
+stores a new scrypt hash of the password, in the same worker thread; the
+clear secret is kept. If that cannot be stored the login still succeeds.
 """
 
 from __future__ import annotations
@@ -159,7 +164,39 @@ class UserPasswordChecker:
             return _Lookup(None, "wrong password")
         if found.user.flags & self._flag:
             return _Lookup(None, f"{self.service} disabled for this user")
+        if self.hasher.needsRehash(found.user.passwordHash):
+            self._rehash(found.user, password)
         return found
+
+    def _rehash(self, user: User, password: bytes) -> None:
+        """Replace the verified legacy (or cheaper) hash of ``user`` with a
+        current one, keeping the clear secret (blocking: worker thread). A
+        failure is logged, by exception type only, and the login goes on."""
+        scheme = self.hasher.schemeOf(user.passwordHash)
+        try:
+            newHash = self.hasher.hashPassword(password)
+            # Narrow the race with a password change made since the lookup.
+            current = self.store.user(user.name, user.domain)
+            if current is None or current.passwordHash != user.passwordHash:
+                log.info(
+                    "password hash of {user} not upgraded: changed since the login began",
+                    user=user.address,
+                )
+                return
+            self.store.setPassword(user.name, user.domain, newHash, current.clearSecret)
+        except Exception as e:
+            # Not log.failure: a backend's message could quote the new hash.
+            log.warn(
+                "could not store the upgraded password hash of {user}: {error}",
+                user=user.address,
+                error=f"{type(e).__module__}.{type(e).__qualname__}",
+            )
+            return
+        log.info(
+            "upgraded the password hash of {user} from {scheme}",
+            user=user.address,
+            scheme=scheme,
+        )
 
 
 # For users without a usable clear secret the response is still computed,

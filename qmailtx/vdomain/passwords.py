@@ -92,6 +92,15 @@ class PasswordHasher:
         except (ValueError, TypeError):
             return False
 
+    def schemeOf(self, hashed: str) -> str:
+        """The name of the scheme of ``hashed`` ("scrypt", "md5_crypt", ...),
+        or "unknown"; for log lines."""
+        try:
+            scheme = self._context.identify(hashed)
+        except (ValueError, TypeError):
+            scheme = None
+        return str(scheme) if scheme else "unknown"
+
     def burn(self, secret: str | bytes) -> None:
         """Spend what verifying ``secret`` against a current hash costs, for an
         unknown user, so timing does not tell which users exist."""

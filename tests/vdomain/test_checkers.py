@@ -21,7 +21,7 @@ from twisted.cred.portal import IRealm
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -45,6 +45,15 @@ ALICE_PASSWORD = "alice-Pa55word"
 ALICE_CLEAR = "alice-Cl3ar"
 # openssl passwd -1 -salt abcdefgh password
 DAVE_MD5_CRYPT = "$1$abcdefgh$G//4keteveJp0qb8z2DxG/"
+# Imported hashes of passwords that no log line could contain by chance:
+# openssl passwd -1 -salt qmailtx Dave-S3cret; openssl passwd -6 -salt qmailtx Frank-S3cret
+DAVE_PASSWORD = "Dave-S3cret"
+DAVE_IMPORTED = "$1$qmailtx$hB68XLuhqcvljCjNTZm/40"
+FRANK_PASSWORD = "Frank-S3cret"
+FRANK_IMPORTED = (
+    "$6$qmailtx$MJcDwL6MPFbzJkqVXMn.I0t9yMdOiZeN4JEQvLceoUYkl40Fbx9aaLhO2pVEMNQAWiOGf9INxG/"
+    "owsfhXntfR0"
+)
 APOP_BANNER = b"<1896.697170952@dbc.mtview.ca.us>"
 
 
@@ -79,7 +88,11 @@ class RecordingRunner:
         return synchronousRunner(f, *args)
 
 
-def makeStore(testCase: SynchronousTestCase, hasher: PasswordHasher) -> SQLiteUserStore:
+def makeStore(
+    testCase: SynchronousTestCase,
+    hasher: PasswordHasher,
+    storeClass: type[SQLiteUserStore] = SQLiteUserStore,
+) -> SQLiteUserStore:
     """example.com (clear passwords; alias mail.example.net) and plain.example:
 
     alice   password and clear secret
@@ -88,7 +101,7 @@ def makeStore(testCase: SynchronousTestCase, hasher: PasswordHasher) -> SQLiteUs
     dave    a legacy md5_crypt hash of "password"
     erin    in plain.example: password only, no clear secret
     """
-    store = SQLiteUserStore(testCase.mktemp() + "/users.sqlite3")
+    store = storeClass(testCase.mktemp() + "/users.sqlite3")
     testCase.addCleanup(store.close)
     store.addDomain(Domain("example.com", clearPasswords=True, aliases=("mail.example.net",)))
     store.addDomain(Domain("plain.example"))
@@ -108,6 +121,50 @@ def makeStore(testCase: SynchronousTestCase, hasher: PasswordHasher) -> SQLiteUs
     store.addUser(User("dave", "example.com", DAVE_MD5_CRYPT))
     store.addUser(User("erin", "plain.example", hasher.hashPassword("erin-password")))
     return store
+
+
+class RecordingStore(SQLiteUserStore):
+    """SQLite, noting each setPassword: (address, hash, clear secret, thread)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.passwordsSet: list[tuple[str, str, str | None, int]] = []
+
+    def setPassword(
+        self, name: str, domain: str, passwordHash: str, clearSecret: str | None
+    ) -> None:
+        self.passwordsSet.append(
+            (f"{name}@{domain}", passwordHash, clearSecret, threading.get_ident())
+        )
+        super().setPassword(name, domain, passwordHash, clearSecret)
+
+
+class UnavailableOnSetPasswordStore(SQLiteUserStore):
+    """Reads work; setPassword fails, quoting what it was given."""
+
+    error: type[Exception] = DatabaseUnavailable
+
+    def setPassword(
+        self, name: str, domain: str, passwordHash: str, clearSecret: str | None
+    ) -> None:
+        raise self.error(f"cannot store {passwordHash!r} for {name}@{domain}")
+
+
+class CrashingOnSetPasswordStore(UnavailableOnSetPasswordStore):
+    error = RuntimeError
+
+
+class RacingStore(SQLiteUserStore):
+    """An administrator changes dave's password just after the login's lookup."""
+
+    adminHash = ""
+
+    def user(self, name: str, domain: str) -> User | None:
+        found = super().user(name, domain)
+        if name == "dave" and not self.adminHash:
+            self.adminHash = PasswordHasher.cheap().hashPassword("admin-set")
+            super().setPassword(name, domain, self.adminHash, None)
+        return found
 
 
 def unavailableStore(testCase: SynchronousTestCase) -> SQLiteUserStore:
@@ -294,6 +351,151 @@ class UserPasswordCheckerTests(SynchronousTestCase):
         self.assertEqual(reasons, ["wrong password", "no such user", "pop3 disabled for this user"])
         self.assertEqual(events[0]["user"], "alice@example.com")
         self.assertEqual(events[0]["service"], "smtp")
+
+
+class RehashTests(SynchronousTestCase):
+    """A login with a legacy (or cheaper) hash stores a current one."""
+
+    def setUp(self) -> None:
+        self.hasher = PasswordHasher.cheap()
+
+    def makeStore(self, storeClass: type[SQLiteUserStore] = RecordingStore) -> SQLiteUserStore:
+        store = makeStore(self, self.hasher, storeClass)
+        store.deleteUser("dave", "example.com")
+        store.addUser(User("dave", "example.com", DAVE_IMPORTED))
+        store.addUser(User("frank", "plain.example", FRANK_IMPORTED))
+        return store
+
+    def login(
+        self, store: SQLiteUserStore, username: bytes, password: bytes, service: str = "smtp"
+    ) -> Deferred[Any]:
+        checker = UserPasswordChecker(store, synchronousRunner, service, self.hasher)
+        return checker.requestAvatarId(UsernamePassword(username, password))
+
+    def storedHash(self, store: SQLiteUserStore, name: str, domain: str) -> str:
+        user = store.user(name, domain)
+        assert user is not None
+        return user.passwordHash
+
+    def test_md5CryptUpgradedToScrypt(self) -> None:
+        store = self.makeStore()
+        with capturedLogs() as events:
+            self.assertEqual(
+                self.successResultOf(
+                    self.login(store, b"dave@example.com", DAVE_PASSWORD.encode())
+                ),
+                b"dave@example.com",
+            )
+        stored = self.storedHash(store, "dave", "example.com")
+        self.assertTrue(stored.startswith("$scrypt$ln=4,r=8,p=1$"), stored)
+        self.assertFalse(self.hasher.needsRehash(stored))
+        # the same password still logs in, another still does not
+        self.successResultOf(self.login(store, b"dave@example.com", DAVE_PASSWORD.encode()))
+        self.failureResultOf(
+            self.login(store, b"dave@example.com", DAVE_PASSWORD.lower().encode()),
+            UnauthorizedLogin,
+        )
+        self.assertEqual(self.storedHash(store, "dave", "example.com"), stored)
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["log_level"], LogLevel.info)
+        self.assertEqual(
+            (events[0]["user"], events[0]["scheme"]), ("dave@example.com", "md5_crypt")
+        )
+        text = formatEvent(events[0]) + repr(events[0])
+        for secret in [DAVE_PASSWORD, DAVE_IMPORTED, stored]:
+            self.assertNotIn(secret, text)
+
+    def test_sha512CryptUpgradedToScrypt(self) -> None:
+        store = self.makeStore()
+        with capturedLogs() as events:
+            self.successResultOf(self.login(store, b"frank@plain.example", FRANK_PASSWORD.encode()))
+        self.assertTrue(self.storedHash(store, "frank", "plain.example").startswith("$scrypt$"))
+        self.assertEqual(events[0]["scheme"], "sha512_crypt")
+        self.successResultOf(self.login(store, b"frank@plain.example", FRANK_PASSWORD.encode()))
+
+    def test_clearSecretKept(self) -> None:
+        store = self.makeStore()
+        assert isinstance(store, RecordingStore)
+        store.setPassword("dave", "example.com", DAVE_IMPORTED, "dave-clear")
+        store.passwordsSet.clear()
+        self.successResultOf(self.login(store, b"dave@example.com", DAVE_PASSWORD.encode()))
+        user = store.user("dave", "example.com")
+        assert user is not None
+        self.assertEqual(user.clearSecret, "dave-clear")
+        self.assertEqual(len(store.passwordsSet), 1)
+        self.assertEqual(store.passwordsSet[0][2], "dave-clear")
+
+    def test_wrongPasswordDoesNotRehash(self) -> None:
+        store = self.makeStore()
+        assert isinstance(store, RecordingStore)
+        self.failureResultOf(self.login(store, b"dave@example.com", b"wrong"), UnauthorizedLogin)
+        self.assertEqual(self.storedHash(store, "dave", "example.com"), DAVE_IMPORTED)
+        self.assertEqual(store.passwordsSet, [])
+
+    def test_disabledServiceDoesNotRehash(self) -> None:
+        store = self.makeStore()
+        assert isinstance(store, RecordingStore)
+        store.setFlags("dave", "example.com", UserFlags.NO_POP)
+        self.failureResultOf(
+            self.login(store, b"dave@example.com", DAVE_PASSWORD.encode(), "pop3"),
+            UnauthorizedLogin,
+        )
+        self.assertEqual(self.storedHash(store, "dave", "example.com"), DAVE_IMPORTED)
+        self.assertEqual(store.passwordsSet, [])
+
+    def test_currentHashNotRewritten(self) -> None:
+        store = self.makeStore()
+        assert isinstance(store, RecordingStore)
+        before = self.storedHash(store, "alice", "example.com")
+        with capturedLogs() as events:
+            self.successResultOf(self.login(store, b"alice@example.com", ALICE_PASSWORD.encode()))
+        self.assertEqual(self.storedHash(store, "alice", "example.com"), before)
+        self.assertEqual(store.passwordsSet, [])
+        self.assertEqual(len(events), 0)
+
+    def test_cheaperScryptUpgraded(self) -> None:
+        """needsRehash depends on the hasher's cost: raising it upgrades on login."""
+        store = self.makeStore()
+        self.hasher = PasswordHasher(log2N=5)
+        self.successResultOf(self.login(store, b"alice@example.com", ALICE_PASSWORD.encode()))
+        stored = self.storedHash(store, "alice", "example.com")
+        self.assertTrue(stored.startswith("$scrypt$ln=5,"), stored)
+        self.successResultOf(self.login(store, b"alice@example.com", ALICE_PASSWORD.encode()))
+
+    def assertStoreFailureHarmless(self, storeClass: type[UnavailableOnSetPasswordStore]) -> None:
+        store = self.makeStore(storeClass)
+        with capturedLogs() as events:
+            self.assertEqual(
+                self.successResultOf(
+                    self.login(store, b"dave@example.com", DAVE_PASSWORD.encode())
+                ),
+                b"dave@example.com",
+            )
+        self.assertEqual(self.storedHash(store, "dave", "example.com"), DAVE_IMPORTED)
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["log_level"], LogLevel.warn)
+        self.assertEqual(events[0]["user"], "dave@example.com")
+        self.assertIn(storeClass.error.__name__, events[0]["error"])
+        self.assertNotIn("log_failure", events[0])
+        text = formatEvent(events[0]) + repr(events[0])
+        for secret in [DAVE_PASSWORD, "$scrypt$", DAVE_IMPORTED]:
+            self.assertNotIn(secret, text)
+        # and again: still no harm
+        self.successResultOf(self.login(store, b"dave@example.com", DAVE_PASSWORD.encode()))
+
+    def test_databaseUnavailableOnStoreDoesNotFailLogin(self) -> None:
+        self.assertStoreFailureHarmless(UnavailableOnSetPasswordStore)
+
+    def test_crashOnStoreDoesNotFailLogin(self) -> None:
+        self.assertStoreFailureHarmless(CrashingOnSetPasswordStore)
+
+    def test_passwordChangedMeanwhileIsKept(self) -> None:
+        """An administrator's new password, set between the lookup and the
+        rehash, is not overwritten by the old password's new hash."""
+        store = self.makeStore(RacingStore)
+        assert isinstance(store, RacingStore)
+        self.successResultOf(self.login(store, b"dave@example.com", DAVE_PASSWORD.encode()))
+        self.assertEqual(self.storedHash(store, "dave", "example.com"), store.adminHash)
 
 
 class HashedSecretCheckerTests(SynchronousTestCase):
@@ -501,3 +703,18 @@ class WorkerThreadTests(TestCase):
             self.fail("unknown user logged in")
         self.assertEqual(hasher.hashesVerified(), ["scrypt", "dummy"])
         self.assertNotIn(threading.get_ident(), [thread for _, thread in hasher.calls])
+
+    async def test_rehashOffTheReactorThread(self) -> None:
+        store = makeStore(self, PasswordHasher.cheap(), RecordingStore)
+        assert isinstance(store, RecordingStore)
+        pool = WorkerPool(cast(IReactorFromThreads, reactor), 2, name="test-checkers")
+        pool.start()
+        self.addCleanup(pool.stop)
+        checker = UserPasswordChecker(store, pool.run, "pop3", PasswordHasher.cheap())
+        avatarId = await checker.requestAvatarId(UsernamePassword(b"dave@example.com", b"password"))
+        self.assertEqual(avatarId, b"dave@example.com")
+        self.assertEqual(len(store.passwordsSet), 1)
+        address, stored, _, thread = store.passwordsSet[0]
+        self.assertEqual(address, "dave@example.com")
+        self.assertTrue(stored.startswith("$scrypt$"))
+        self.assertNotEqual(thread, threading.get_ident())

@@ -190,3 +190,17 @@ class EnvironmentTests(SynchronousTestCase):
             hasher.verifyPassword("password", BCRYPT)
         self.assertNotIn("crypt", sys.modules)
         self.assertEqual(passwords.defaultHasher.log2N, SCRYPT_LOG2_N)
+
+
+class SchemeOfTests(SynchronousTestCase):
+    def test_names(self) -> None:
+        """The scheme names the rehash log line gives; never the hash itself."""
+        hasher = PasswordHasher.cheap()
+        self.assertEqual(hasher.schemeOf(hasher.hashPassword("x")), "scrypt")
+        self.assertEqual(hasher.schemeOf(LEGACY_VECTORS[0][1]), "md5_crypt")
+        self.assertEqual(hasher.schemeOf(LEGACY_VECTORS[2][1]), "sha256_crypt")
+        self.assertEqual(hasher.schemeOf(LEGACY_VECTORS[4][1]), "sha512_crypt")
+        self.assertEqual(hasher.schemeOf("abJnggxhB/yWI"), "des_crypt")
+        for hashed in ["", "*", BCRYPT, "{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g="]:
+            with self.subTest(hashed=hashed):
+                self.assertEqual(hasher.schemeOf(hashed), "unknown")

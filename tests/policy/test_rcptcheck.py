@@ -336,6 +336,34 @@ class RegisterTests(_Fixture):
 
 
 class RecipientCheckProtocolTests(_Fixture):
+    def test_addressDisguisesDoNotSlipPast(self) -> None:
+        """threats.md S16: every spelling of an unknown hosted recipient is
+        refused, none is queued; a known one in disguise lands on its owner."""
+        table = DomainTable(frozenset({"example.com"}), frozenset(), {})
+        h = SMTPServerHarness(self.mktemp(), recipientChecks=[RelayControl(table), self.check()])
+        disguises = [
+            b"nobody@example.com.",
+            b"NOBODY@Example.COM",
+            b'"nobody"@example.com',
+            b"nobody%x@example.com",
+            b"x!nobody@example.com",
+            b"@a.test:nobody@example.com",
+            b'"alice@example.com"@example.com',
+        ]
+        h.clear()
+        h.send(b"HELO c\r\nMAIL FROM:<a@sender.test>\r\n")
+        for rcpt in disguises:
+            h.send(b"RCPT TO:<" + rcpt + b">\r\n")
+        h.send(b"RCPT TO:<@relay.test:Alice@EXAMPLE.com.>\r\nDATA\r\nhi\r\n.\r\n")
+        codes = h.codes()
+        self.assertEqual(codes[2 : 2 + len(disguises)], [550] * len(disguises), h.replies())
+        self.assertEqual(codes[-3:], [250, 354, 250])
+        [message] = h.committed
+        self.assertEqual(
+            [(r.local.lower(), r.domain.lower()) for r in message.recipients],
+            [("alice", "example.com")],
+        )
+
     def test_unknownRefusedKnownQueued(self) -> None:
         table = DomainTable(frozenset({"example.com"}), frozenset(), {})
         h = SMTPServerHarness(self.mktemp(), recipientChecks=[RelayControl(table), self.check()])

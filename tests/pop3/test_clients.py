@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import poplib
 import shutil
+import smtplib
 import socket
 import ssl
 from typing import Any, cast
@@ -24,6 +25,8 @@ from qmailtx.delivery.maildir import makeMaildir
 from qmailtx.fs import FileSystem
 from qmailtx.pop3.mailbox import convertAll
 from qmailtx.testing import makeTestCertificate, makeTestConfig, makeTestUsers
+from qmailtx.vdomain.records import QuotaLimit
+from qmailtx.vdomain.sqlite import SQLiteUserStore
 
 CURL = shutil.which("curl")
 OPENSSL = shutil.which("openssl")
@@ -37,11 +40,13 @@ MESSAGES = [
 
 
 class Server:
-    def __init__(self, test: TestCase, extra: str = "") -> None:
+    def __init__(self, test: TestCase, extra: str = "", smtp: bool = False) -> None:
         folder = os.path.abspath(test.mktemp())
         self.certPath, keyPath = makeTestCertificate(os.path.join(folder, "tls"), "mx.test")
+        # Only POP3, unless the test delivers too: no fixed SMTP port to collide on.
+        listen = '["tcp:0:interface=127.0.0.1"]' if smtp else "[]"
         toml = (
-            "[smtp]\nlisten = []\n"  # only POP3 here: no fixed SMTP port to collide on
+            f"[smtp]\nlisten = {listen}\n"
             '[pop3]\nlisten = ["tcp:0:interface=127.0.0.1"]\napop = true\n' + extra + "\n"
             '[pop3s]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
             f'[tls]\ncertificate = "{self.certPath}"\nkey = "{keyPath}"\n'
@@ -61,7 +66,7 @@ class Server:
             os.utime(path, (1_700_000_000 + i, 1_700_000_000 + i))
             self.names.append(name)
         self.service = makeMailService(reactor, self.config)
-        self.pop3 = self.pop3s = 0
+        self.pop3 = self.pop3s = self.smtp = 0
 
     async def start(self, test: TestCase) -> Server:
         self.service.startService()
@@ -69,6 +74,10 @@ class Server:
         listeners = list(cast(MultiService, self.service.getServiceNamed("pop3")))
         ports: list[IListeningPort] = [await listener._waitingForPort for listener in listeners]
         self.pop3, self.pop3s = (int(p.getHost().port) for p in ports)  # type: ignore[attr-defined]
+        if "smtp" in self.service.namedServices:
+            [smtp] = list(cast(MultiService, self.service.getServiceNamed("smtp")))
+            port = await smtp._waitingForPort
+            self.smtp = int(port.getHost().port)
         return self
 
     def context(self) -> ssl.SSLContext:
@@ -253,6 +262,48 @@ class PoplibTests(TestCase):
         freed = len(MESSAGES[0]) + len(MESSAGES[2])
         with open(os.path.join(server.maildir, "maildirsize"), "rb") as sizes:
             self.assertEqual(sizes.read().splitlines()[-1], f"-{freed} -2".encode())
+
+    async def test_fullMailboxTakesMailAgainAfterDele(self) -> None:
+        """threats.md Q3: a full mailbox refuses mail; once POP3 deletions are
+        committed the next message is accepted and delivered at once."""
+        server = Server(self, smtp=True)
+        total = sum(len(m) for m in MESSAGES)
+        users = SQLiteUserStore(server.config.users.database)
+        users.setQuota("alice", "example.com", QuotaLimit(bytes=total))  # full
+        users.close()
+        with open(os.path.join(server.maildir, "maildirsize"), "wb") as f:
+            f.write(f"{total}S\n{total} 3\n".encode())
+        await server.start(self)
+        message = b"Subject: after the clean-up\r\n\r\n" + b"x" * 500 + b"\r\n"
+
+        def send() -> object:
+            with smtplib.SMTP("127.0.0.1", server.smtp, timeout=10) as client:
+                try:
+                    client.sendmail("a@sender.test", [ALICE], message)
+                except smtplib.SMTPRecipientsRefused as e:
+                    return e.recipients[ALICE]
+            return "sent"
+
+        def deleteAll() -> None:
+            client = poplib.POP3("127.0.0.1", server.pop3, timeout=10)
+            client.user(ALICE)
+            client.pass_(PASSWORD)
+            for i in range(len(MESSAGES)):
+                client.dele(i + 1)
+            client.quit()
+
+        self.assertEqual(
+            await deferToThread(send), (552, b"5.2.2 sorry, recipient mailbox is full")
+        )
+        await deferToThread(deleteAll)
+        self.assertEqual(await deferToThread(send), "sent")
+        for _ in range(100):
+            if server.files("new"):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        [name] = server.files("new")
+        with open(os.path.join(server.maildir, "new", name), "rb") as delivered:
+            self.assertIn(b"after the clean-up", delivered.read())
 
 
 class ToolTests(TestCase):

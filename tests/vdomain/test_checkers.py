@@ -27,6 +27,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from qmailtx.queue.store import synchronousRunner
+from qmailtx.vdomain import checkers
 from qmailtx.vdomain.checkers import (
     REFUSED,
     HashedSecretChecker,
@@ -541,6 +542,28 @@ class HashedSecretCheckerTests(SynchronousTestCase):
         credentials = cramMD5(b"alice@example.com", ALICE_CLEAR.encode())
         credentials.challenge = b"<1.2@elsewhere>"
         self.assertEqual(self.refusal(credentials), REFUSED)
+
+    def test_responsesAreComparedInConstantTime(self) -> None:
+        """CRAM-MD5 and APOP digests go through hmac.compare_digest, right or
+        wrong (Twisted's own checkPassword compares with ==)."""
+        real = hmac.compare_digest
+        compared: list[tuple[bytes, bytes]] = []
+
+        def recording(a: bytes, b: bytes) -> bool:
+            compared.append((a, b))
+            return real(a, b)
+
+        self.patch(checkers.hmac, "compare_digest", recording)
+        right = cramMD5(b"alice@example.com", ALICE_CLEAR.encode())
+        self.successResultOf(self.checker().requestAvatarId(right))
+        self.refusal(cramMD5(b"alice@example.com", b"wrong"))
+        self.successResultOf(
+            self.checker("pop3").requestAvatarId(apop(b"alice@example.com", ALICE_CLEAR.encode()))
+        )
+        self.refusal(apop(b"alice@example.com", b"wrong"), "pop3")
+        self.assertEqual(len(compared), 4)
+        self.assertEqual([a == b for a, b in compared], [True, False, True, False])
+        self.assertEqual(compared[0][1], right.response.split(b" ")[-1])
 
     def test_cramMD5WithoutChallengeRefused(self) -> None:
         credentials = CramMD5Credentials(b"mx.example.com")

@@ -22,7 +22,11 @@ means the message is on disk. The program runs:
   command, so a filter that execs ``$QMAILQUEUE`` reaches it and never
   itself), ``QMAILTX_QUEUE_MSGID`` (the id the message gets),
   ``QMAILTX_QUEUE_INFO`` (JSON: client address, session) and
-  ``TCPREMOTEIP`` for mail that came in by SMTP;
+  ``TCPREMOTEIP`` for mail that came in by SMTP; as qmail's tcpserver and
+  qmail-smtpd-auth set them, ``RELAYCLIENT`` (empty) when the client may
+  relay (relay_clients or AUTH: simscan and qmail-scanner skip their checks
+  for it) and ``TCPREMOTEINFO`` (the AUTH user) when it logged in. The
+  server's own values of these are never passed on;
 - for at most ``FILTER_TIMEOUT`` seconds (less than the 10 minutes an SMTP
   client waits for the reply to its final dot); then it is killed and the
   message tempfailed (``451 4.3.0 qq timeout``).
@@ -145,6 +149,10 @@ class QueueFilter:
         env["QMAILTX_QUEUE_INFO"] = json.dumps(dict(info), sort_keys=True)
         if info.get("c"):
             env["TCPREMOTEIP"] = info["c"]
+        if info.get("r"):
+            env["RELAYCLIENT"] = ""
+        if info.get("u"):
+            env["TCPREMOTEINFO"] = info["u"]
         return env
 
     def run(
@@ -180,7 +188,16 @@ class QueueFilter:
         )
 
 
-_PER_MESSAGE = frozenset({"QMAILQUEUE", "QMAILTX_QUEUE_MSGID", "QMAILTX_QUEUE_INFO", "TCPREMOTEIP"})
+_PER_MESSAGE = frozenset(
+    {
+        "QMAILQUEUE",
+        "QMAILTX_QUEUE_MSGID",
+        "QMAILTX_QUEUE_INFO",
+        "TCPREMOTEIP",
+        "TCPREMOTEINFO",
+        "RELAYCLIENT",
+    }
+)
 
 
 def findInjector(executable: str = sys.executable) -> str | None:

@@ -14,7 +14,8 @@ Envelope records are qmail-style, each a letter, text and NUL, ended by an
 empty record: ``B<birth>`` (Unix time), ``F<sender>``, then one record per
 recipient whose letter is its state: ``T`` to do, ``D`` delivered, ``X``
 failed and bounced. Lower-case letters carry information (``c`` client
-address, ``s`` SMTP session) and are ignored by older readers. A recipient's
+address, ``s`` SMTP session, ``r`` the client could relay, ``u`` its AUTH
+user) and are ignored by older readers. A recipient's
 state changes by overwriting that one letter in place (qmail's markdone).
 The trailer proves the file was written to the end: a file without it is
 torn and goes to ``corrupt/``.

@@ -353,11 +353,13 @@ class ESMTPServer(LineServer[SMTPReply]):
         if not session.recipients:
             raise SMTPRejection(R_RCPT_FIRST)
         now = self.factory.clock.seconds()
+        info = {"c": session.peerHost, "s": session.sessionId}
+        if session.relayAllowed:
+            info["r"] = "1"  # a QMAILQUEUE filter sees RELAYCLIENT, as in qmail
+        if session.authenticatedAs is not None:
+            info["u"] = session.authenticatedAs  # ... and TCPREMOTEINFO
         self._spool = self.factory.store.openSpool(
-            now,
-            session.sender,
-            list(session.recipients),
-            {"c": session.peerHost, "s": session.sessionId},
+            now, session.sender, list(session.recipients), info
         )
         authenticated = session.authenticatedAs is not None
         self._spool.write(

@@ -178,6 +178,27 @@ class FilterStoreTests(TestCase):
         self.assertIn('QMAILTX_QUEUE_INFO={"c": "192.0.2.7", "s": "3.1"}', lines)
         self.assertIn("TCPREMOTEIP=192.0.2.7", lines)
 
+    async def test_relayClientAndAuthUserAsQmailSetThem(self) -> None:
+        store = self.store(f"env >{self.path('env')}")
+        await self.receive(store, info={"c": "192.0.2.7", "r": "1", "u": "alice@example.com"})
+        lines = self.read("env").decode().splitlines()
+        self.assertIn("RELAYCLIENT=", lines)
+        self.assertIn("TCPREMOTEINFO=alice@example.com", lines)
+
+    async def test_serverEnvironmentNeverMakesAStrangerARelayClient(self) -> None:
+        queueFilter = QueueFilter(
+            reactor,
+            ["/bin/sh", "-c", f"env >{self.path('env')}; exit 0"],
+            self.data,
+            self.root,
+            {"PATH": "/usr/bin:/bin", "RELAYCLIENT": "", "TCPREMOTEINFO": "root"},
+            None,
+        )
+        env = queueFilter.environmentFor("1.2", {"c": "192.0.2.8"})
+        self.assertNotIn("RELAYCLIENT", env)
+        self.assertNotIn("TCPREMOTEINFO", env)
+        self.assertEqual(env["TCPREMOTEIP"], "192.0.2.8")
+
     async def test_runsInTheDataFolder(self) -> None:
         store = self.store(f"pwd >{self.path('pwd')}")
         await self.receive(store)

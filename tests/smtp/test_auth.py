@@ -386,6 +386,19 @@ class SessionTests(AuthTestCase):
         h.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.example>\r\n")
         self.assertEqual(h.codes(), [250, 553, 250, 235, 250, 250])
 
+    def test_queuedMessageSaysWhoMayRelay(self) -> None:
+        """The queue file's info tells a QMAILQUEUE filter what qmail's
+        RELAYCLIENT and TCPREMOTEINFO told it."""
+        h = self.harness(peerHost=STRANGER, settings={"authBeforeTLS": True})
+        body = b"DATA\r\nhi\r\n.\r\n"
+        h.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\n" + body)
+        h.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        h.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\n" + body)
+        stranger, user = (m.info for m in h.committed)
+        self.assertNotIn("r", stranger)
+        self.assertNotIn("u", stranger)
+        self.assertEqual((user["r"], user["u"]), ("1", USER))
+
     def test_requireAuthRefusesMailBeforeAuth(self) -> None:
         h = self.harness(settings={"requireAuth": True})
         h.send(b"EHLO c\r\nMAIL FROM:<" + USER.encode() + b">\r\n")

@@ -196,8 +196,9 @@ class RelayTests(ServerTestCase):
         )
         h.send(b"HELO c\r\nMAIL FROM:<a@b.example>\r\n")
         h.clear()
-        h.send(b"RCPT TO:<x@other.example>\r\n")
-        self.assertEqual(h.replies(), ["250 2.1.5 ok"])
+        h.send(b"RCPT TO:<x@other.example>\r\nDATA\r\nhi\r\n.\r\n")
+        self.assertEqual(h.replies()[0], "250 2.1.5 ok")
+        self.assertEqual(h.committed[0].info["r"], "1")
 
 
 @implementer(IRecipientCheck)

@@ -398,16 +398,21 @@ class LocalDeliveryAgent:
         # Written and fsync'd outside the lock, so deliveries into one Maildir
         # overlap; only check, link and count are serialised.
         pending = self.writer.prepare(maildir, prefix, source, offset, length)
+        counted = False
         try:
             with quota.locked():
                 fits, before = quota.checkUsage(size, 1)
                 if not fits:
                     return self._overQuota(plan.address)
                 self.writer.publish(pending)
-                self._count(quota, size, maildir)
+                counted = self._count(quota, size, 1, maildir)
             self.fs.syncDirectory(os.path.join(maildir, "new"))
         except BaseException:
-            self.writer.unpublish(pending)
+            # The usage line went in with the link (a crash then over-counts
+            # until the next recount; it never loses the message); a delivery
+            # that failed after it takes the line back once the file is gone.
+            if self.writer.unpublish(pending) and counted:
+                self._uncount(quota, size, maildir)
             raise
         finally:
             self.writer.discard(pending)
@@ -417,14 +422,29 @@ class LocalDeliveryAgent:
             self._warn(maildir, plan.address, after, quota.limit)
         return None
 
-    def _count(self, quota: MaildirQuota, size: int, maildir: str) -> None:
+    def _count(self, quota: MaildirQuota, size: int, count: int, maildir: str) -> bool:
+        """Append a usage line; False (logged) when maildirsize could not be updated."""
         try:
-            quota.add(size, 1)
+            quota.add(size, count)
         except OSError as e:
             # The message is in new/ already: do not deliver it twice for
             # want of a usage line. The next recount corrects it.
             log.warn(
                 "maildirsize of {maildir} not updated: {error}", maildir=maildir, error=e.strerror
+            )
+            return False
+        return True
+
+    def _uncount(self, quota: MaildirQuota, size: int, maildir: str) -> None:
+        """Take back the usage line of a message removed from new/ again."""
+        try:
+            with quota.locked():
+                self._count(quota, -size, -1, maildir)
+        except OSError as e:
+            log.warn(
+                "maildirsize of {maildir} over-counts until a recount: {error}",
+                maildir=maildir,
+                error=e.strerror,
             )
 
     def _overQuota(self, address: str) -> DeliveryResult:

@@ -120,11 +120,23 @@ class MaildirWriter:
             unlinkQuietly(self.fs, pending.tmp)
             pending.tmp = None
 
-    def unpublish(self, pending: PendingMessage) -> None:
-        """Take a published message out of ``new/`` again (its delivery failed)."""
-        if pending.linked:
-            unlinkQuietly(self.fs, os.path.join(pending.maildir, "new", pending.name))
-            pending.linked = False
+    def unpublish(self, pending: PendingMessage) -> bool:
+        """Take a published message out of ``new/`` again (its delivery failed).
+
+        True when a published file is gone now; False when there was none,
+        or when it could not be removed (then it stays, as a duplicate of
+        the retry: the queue's at-least-once).
+        """
+        if not pending.linked:
+            return False
+        try:
+            self.fs.unlink(os.path.join(pending.maildir, "new", pending.name))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        pending.linked = False
+        return True
 
 
 @dataclass

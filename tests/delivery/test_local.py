@@ -438,6 +438,38 @@ class QuotaTests(_Fixture, SynchronousTestCase):
         self.assertEqual(self.deliver("team@example.com", 100).outcome, Outcome.DELIVERED)
         self.assertEqual(self.deliver("team@example.com", 600).outcome, Outcome.PERMANENT)
 
+    def onDisk(self, user: str = "bob") -> tuple[int, int]:
+        """Bytes and count of the messages in new/ and cur/."""
+        sizes = [
+            os.path.getsize(os.path.join(self.maildir(user), sub, name))
+            for sub in ("new", "cur")
+            for name in os.listdir(os.path.join(self.maildir(user), sub))
+        ]
+        return sum(sizes), len(sizes)
+
+    def counted(self, user: str = "bob") -> tuple[int, int]:
+        """What the delta lines of maildirsize add up to."""
+        lines = [line.split() for line in self.maildirsize(user)[1:]]
+        return sum(int(b) for b, _ in lines), sum(int(c) for _, c in lines)
+
+    def test_failedDirectoryFsyncLeavesNoUsageLine(self) -> None:
+        """Q2: a delivery that fails after its maildirsize line is written
+        takes the line back, so the usage does not drift upwards."""
+        self.assertEqual(self.deliver("bob@example.com", 100).outcome, Outcome.DELIVERED)
+        fs = RecordingFileSystem()
+        fs.failOn["fsyncdir"] = errno.EIO  # the fsync of new/ after the link
+        message = self.queued("bob@example.com", b"x" * 200)
+        d = self.agent(fs=fs).deliver(message, [Address("bob", "example.com")])
+        [result] = self.successResultOf(d)
+        self.assertEqual(result.outcome, Outcome.TEMPORARY, result.text)
+        self.assertIn(
+            ("link", os.path.join(self.maildir("bob"), "new")),
+            [(op, os.path.dirname(path)) for op, path in fs.events],
+        )
+        self.assertEqual(len(self.delivered("bob")), 1)
+        self.assertEqual(os.listdir(os.path.join(self.maildir("bob"), "tmp")), [])
+        self.assertEqual(self.counted(), self.onDisk())
+
     def test_warningOncePerCrossing(self) -> None:
         self.setUpFixture(self.mktemp, warnPercent=50)
         self.deliver("bob@example.com", 200)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import email
 import email.utils
 import errno
+import itertools
 import os
 import threading
+import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -22,10 +25,12 @@ from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
+from qmailtx.queue.bounce import BounceSettings
 from qmailtx.queue.disk import QueueDisk
-from qmailtx.queue.layout import QueuedMessage
+from qmailtx.queue.layout import TODO, QueuedMessage
+from qmailtx.queue.manager import QueueManager, QueueSettings
 from qmailtx.queue.store import QueueStore, Runner, synchronousRunner
-from qmailtx.testing import RecordingFileSystem
+from qmailtx.testing import ManualRunner, RecordingFileSystem
 from qmailtx.vdomain.layout import userFolder
 from qmailtx.vdomain.records import (
     Alias,
@@ -481,6 +486,140 @@ class QuotaTests(_Fixture, SynchronousTestCase):
         self.assertEqual(len(warnings), 1)
         self.deliver("bob@example.com", 10)  # above already: no second warning
         self.assertEqual(len(self.delivered("bob")), 4)
+
+
+FAULTABLE = ("open", "write", "fsync", "link", "rename", "fsyncdir")
+TRANSIENT = (errno.EIO, errno.ENOSPC, errno.EAGAIN)
+
+
+class TransientErrorTests(_Fixture, SynchronousTestCase):
+    """D7: an I/O error at any step of a Maildir delivery defers it, leaves
+    nothing in the Maildir, and the retry delivers exactly one message."""
+
+    # (user, maildirsize before the delivery): no quota; a quota with a
+    # maildirsize; a quota without one (the delivery recounts and writes it).
+    MAILBOXES = (("alice", None), ("bob", "1000S\n0 0\n"), ("bob", ""))
+
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp, warnPercent=0)
+
+    def reset(self, user: str, maildirsize: str | None) -> None:
+        maildir = self.maildir(user)
+        for sub in ("tmp", "new", "cur"):
+            for name in os.listdir(os.path.join(maildir, sub)):
+                os.unlink(os.path.join(maildir, sub, name))
+        path = os.path.join(maildir, "maildirsize")
+        if os.path.exists(path):
+            os.unlink(path)
+        if maildirsize:
+            self.writeFile(path, maildirsize)
+
+    def attempt(self, agent: LocalDeliveryAgent, message: QueuedMessage) -> DeliveryResult:
+        [result] = self.successResultOf(
+            agent.deliver(message, [Address.fromStored(message.recipients[0].lowered())])
+        )
+        return result
+
+    def files(self, user: str) -> dict[str, list[str]]:
+        return {
+            sub: os.listdir(os.path.join(self.maildir(user), sub)) for sub in ("tmp", "new", "cur")
+        }
+
+    def assertCountedRight(self, user: str, case: object) -> None:
+        """maildirsize (when there is one) sums to what new/ holds."""
+        path = os.path.join(self.maildir(user), "maildirsize")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            deltas = [line.split() for line in f.read().splitlines()[1:]]
+        new = os.path.join(self.maildir(user), "new")
+        sizes = [os.path.getsize(os.path.join(new, name)) for name in os.listdir(new)]
+        counted = (sum(int(b) for b, _ in deltas), sum(int(c) for _, c in deltas))
+        self.assertEqual(counted, (sum(sizes), len(sizes)), case)
+
+    def steps(self, user: str, maildirsize: str | None, anonymous: bool) -> list[tuple[str, int]]:
+        """The faultable operations of a clean delivery, as (op, n-th call of op)."""
+        self.reset(user, maildirsize)
+        fs = RecordingFileSystem(anonymous=anonymous)
+        result = self.attempt(self.agent(fs=fs), self.queued(f"{user}@example.com"))
+        self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+        seen: dict[str, int] = {}
+        steps = []
+        for op, _ in fs.events:
+            if op in FAULTABLE:
+                steps.append((op, seen.get(op, 0)))
+                seen[op] = seen.get(op, 0) + 1
+        return steps
+
+    def test_everyStepAndErrnoDefersAndTheRetryDeliversOnce(self) -> None:
+        tried = set()
+        for (user, maildirsize), anonymous in itertools.product(self.MAILBOXES, (True, False)):
+            for (op, nth), code in itertools.product(
+                self.steps(user, maildirsize, anonymous), TRANSIENT
+            ):
+                case = (user, maildirsize, anonymous, op, nth, errno.errorcode[code])
+                tried.add(op)
+                self.reset(user, maildirsize)
+                fs = RecordingFileSystem(anonymous=anonymous)
+                fs.failOn[op] = code
+                fs.failAfter[op] = nth
+                agent = self.agent(fs=fs)
+                message = self.queued(f"{user}@example.com")
+                result = self.attempt(agent, message)
+                self.assertNotIn(op, fs.failOn, case)  # the fault did happen
+                self.assertEqual(result.outcome, Outcome.TEMPORARY, (case, result.text))
+                self.assertIn(os.strerror(code), result.text, case)
+                self.assertEqual(self.files(user), {"tmp": [], "new": [], "cur": []}, case)
+                self.assertCountedRight(user, case)
+                # The fault is gone: the retry delivers the message once.
+                result = self.attempt(agent, message)
+                self.assertEqual(result.outcome, Outcome.DELIVERED, (case, result.text))
+                files = self.files(user)
+                self.assertEqual((files["tmp"], len(files["new"]), files["cur"]), ([], 1, []), case)
+                self.assertCountedRight(user, case)
+        self.assertEqual(tried, set(FAULTABLE))
+        self.assertEqual(self.injected, [])  # no bounce, no auto-reply, nothing
+
+    def test_queueManagerDefersWithoutABounceAndRetries(self) -> None:
+        """The same through the queue manager: EAGAIN at the fsync of new/
+        reschedules the message (no bounce); the retry delivers it once."""
+        self.reset("bob", "1000S\n0 0\n")
+        clock = MemoryReactorClock()
+        clock.advance(int(time.time()))  # queue files carry real mtimes
+        fs = RecordingFileSystem()
+        fs.failOn["fsyncdir"] = errno.EAGAIN
+        runner = ManualRunner()
+        agent = self.agent(runner=runner, fs=fs, clock=clock.seconds)
+        control = buildControl({"me": "mx.test"}, {}, "test")
+        manager = QueueManager(
+            clock,
+            self.queue,
+            {"local": agent},
+            lambda r: "local",
+            QueueSettings({"local": 2}, 604800, BounceSettings.fromControl(control)),
+        )
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        self.queue.inject(
+            clock.seconds(),
+            Address("a", "remote.test"),
+            [Address("bob", "example.com")],
+            MESSAGE,
+            {},
+        )
+        runner.runAll()
+        self.assertNotIn("fsyncdir", fs.failOn)
+        [message] = self.disk.scan().messages
+        self.assertEqual((message.states, message.info.get("b")), ([TODO], None))
+        self.assertEqual(self.files("bob"), {"tmp": [], "new": [], "cur": []})
+        self.assertCountedRight("bob", "first attempt")
+        self.assertEqual(runner.pending, [])
+        clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+        runner.runAll()
+        self.assertEqual(self.disk.scan().messages, [])
+        self.assertEqual(len(self.delivered("bob")), 1)
+        self.assertCountedRight("bob", "retry")
+        self.assertEqual(len(self.injected), 1)  # the message itself; no bounce
 
 
 class ConcurrentQuotaTests(_Fixture, TestCase):

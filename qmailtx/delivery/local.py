@@ -48,7 +48,7 @@ from qmailtx.delivery.interfaces import (
     permanent,
     temporary,
 )
-from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
+from qmailtx.delivery.maildir import MaildirWriter, StaleTmpSweeper, makeMaildir
 from qmailtx.delivery.mbox import MboxError, appendMbox
 from qmailtx.delivery.program import classifyExit, runProgram, spawnFailure
 from qmailtx.delivery.quota import (
@@ -141,6 +141,7 @@ class LocalDeliveryAgent:
         writer: MaildirWriter | None = None,
         fs: FileSystem | None = None,
         clock: Callable[[], float] = time.time,
+        tmpSweeper: StaleTmpSweeper | None = None,
     ) -> None:
         self._run = runner
         self.settings = settings
@@ -150,6 +151,7 @@ class LocalDeliveryAgent:
         self.fs = fs or FileSystem()
         self.writer = writer or MaildirWriter(self.fs)
         self.clock = clock
+        self.tmpSweeper = tmpSweeper if tmpSweeper is not None else StaleTmpSweeper()
 
     def batchKey(self, recipient: Address) -> object:
         return recipient  # qmail-local delivers one recipient at a time
@@ -375,6 +377,7 @@ class LocalDeliveryAgent:
         plan = p.plan
         assert plan is not None
         maildir = path.rstrip("/")
+        self._sweepTmp(maildir)
         prefix = returnPathLines(message.sender, plan.address)
         offset, length = message.messageOffset, message.messageLength
         content = self._rewritten(message, p, source)
@@ -421,6 +424,16 @@ class LocalDeliveryAgent:
         if owned and percent and crossedPercent(before, after, quota.limit, percent):
             self._warn(maildir, plan.address, after, quota.limit)
         return None
+
+    def _sweepTmp(self, maildir: str) -> None:
+        """Remove what killed writers left in tmp/ (D4), once an hour at most."""
+        try:
+            swept = self.tmpSweeper.sweep(maildir, self.clock())
+        except OSError as e:
+            log.warn("sweep of {maildir}/tmp failed: {error}", maildir=maildir, error=e.strerror)
+            return
+        if swept:
+            log.info("removed {count} stale files from {maildir}/tmp", count=swept, maildir=maildir)
 
     def _count(self, quota: MaildirQuota, size: int, count: int, maildir: str) -> bool:
         """Append a usage line; False (logged) when maildirsize could not be updated."""

@@ -622,6 +622,43 @@ class TransientErrorTests(_Fixture, SynchronousTestCase):
         self.assertEqual(len(self.injected), 1)  # the message itself; no bounce
 
 
+class StaleTmpTests(_Fixture, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp)
+
+    def test_deliverySweepsStaleTmpOnceAnHour(self) -> None:
+        """D4: a delivery removes files older than 36 hours from the Maildir's
+        tmp/, at most once an hour; fresh ones and new/ are left alone."""
+        now = [time.time() + 10 * 86400]  # the delivered messages are 10 days old then
+        agent = self.agent(clock=lambda: now[0])
+        tmp = os.path.join(self.maildir("alice"), "tmp")
+
+        def put(name: str, age: float) -> None:
+            path = os.path.join(tmp, name)
+            self.writeFile(path, "x")
+            os.utime(path, (now[0] - age, now[0] - age))
+
+        def deliver() -> None:
+            message = self.queued("alice@example.com")
+            [result] = self.successResultOf(
+                agent.deliver(message, [Address("alice", "example.com")])
+            )
+            self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+
+        put("1.old", 37 * 3600)
+        put("2.fresh", 3600)
+        deliver()
+        self.assertEqual(sorted(os.listdir(tmp)), ["2.fresh"])
+        put("3.old", 37 * 3600)
+        now[0] += 1800
+        deliver()
+        self.assertEqual(sorted(os.listdir(tmp)), ["2.fresh", "3.old"])
+        now[0] += 1800
+        deliver()
+        self.assertEqual(sorted(os.listdir(tmp)), ["2.fresh"])
+        self.assertEqual(len(self.delivered("alice")), 3)
+
+
 class ConcurrentQuotaTests(_Fixture, TestCase):
     def setUp(self) -> None:
         self.setUpFixture(self.mktemp, warnPercent=0)

@@ -35,7 +35,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from qmailtx.address import Address
 from qmailtx.config import Config, ConfigError, ListenerConfig, dnsServers
 from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
-from qmailtx.delivery.maildir import makeMaildir
+from qmailtx.delivery.maildir import StaleTmpSweeper, makeMaildir
 from qmailtx.delivery.mx import MXResolver, makeResolver
 from qmailtx.delivery.remote import RemoteDeliveryAgent, RemoteSettings, ownAddresses
 from qmailtx.delivery.routes import parseOutgoingIP, parseSmtpRoutes
@@ -177,6 +177,7 @@ def makeMailService(
         local = domains.isLocal(recipient.domain) or hosted.contains(recipient.domain)
         return "local" if local else "remote"
 
+    tmpSweeper = StaleTmpSweeper()  # one hourly sweep per Maildir: delivery and POP3
     local = LocalDeliveryAgent(
         runner,
         LocalSettings(
@@ -193,6 +194,7 @@ def makeMailService(
         users,
         store,
         reactor,
+        tmpSweeper=tmpSweeper,
     )
     remote = _makeRemote(reactor, config, store, runner, top)
     manager = QueueManager(
@@ -256,6 +258,7 @@ def makeMailService(
             runner,
             tls.tls if tls is not None else None,
             throttle,
+            tmpSweeper,
         ).setServiceParent(top)
 
     _reportStartup(config)
@@ -269,6 +272,7 @@ def _listenPOP3(
     runner: Any,
     tls: ServerTLS | None,
     throttle: AuthThrottle,
+    tmpSweeper: StaleTmpSweeper,
 ) -> MultiService:
     """The "pop3" service: ``[pop3] listen`` (STLS with ``[tls]``) and
     ``[pop3s] listen`` (TLS from the first byte)."""
@@ -285,7 +289,14 @@ def _listenPOP3(
         hashedSecrets=config.pop3.apop,
     )
     factory = POP3ServerFactory(
-        reactor, POP3Settings.fromConfig(config), portal, runner, tls, throttle, users
+        reactor,
+        POP3Settings.fromConfig(config),
+        portal,
+        runner,
+        tls,
+        throttle,
+        users,
+        tmpSweeper=tmpSweeper,
     )
     service = MultiService()
     service.setName("pop3")

@@ -90,18 +90,23 @@ class RecordingFileSystem(FileSystem):
 
     ``failOn`` maps an operation name to an errno: the next call of that
     operation raises OSError(errno) (once, unless ``failAlways``).
+    ``failAfter`` maps an operation name to how many of its calls succeed
+    before ``failOn`` applies (so a test can fault the n-th fsync).
     """
 
     def __init__(self, events: list[tuple[str, str]] | None = None, anonymous: bool = True) -> None:
         super().__init__(anonymous)
         self.events: list[tuple[str, str]] = events if events is not None else []
         self.failOn: dict[str, int] = {}
+        self.failAfter: dict[str, int] = {}
         self.failAlways = False
         self._fdPaths: dict[int, str] = {}
 
     def _maybeFail(self, op: str) -> None:
         code = self.failOn.get(op)
-        if code is not None:
+        if code is not None and self.failAfter.get(op, 0) > 0:
+            self.failAfter[op] -= 1
+        elif code is not None:
             if not self.failAlways:
                 del self.failOn[op]
             raise OSError(code, os.strerror(code))
@@ -119,7 +124,8 @@ class RecordingFileSystem(FileSystem):
         return fd
 
     def openAnonymous(self, directory: str, fallbackName: str) -> tuple[int, str | None]:
-        self._maybeFail("open")
+        if self._anonymous:  # (else openExclusive checks, once per open)
+            self._maybeFail("open")
         fd, name = super().openAnonymous(directory, fallbackName)
         if name is None:  # (a named file was recorded by openExclusive)
             self._fdPaths[fd] = os.path.join(directory, "(anonymous)")

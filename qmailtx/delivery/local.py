@@ -48,7 +48,7 @@ from qmailtx.delivery.interfaces import (
     permanent,
     temporary,
 )
-from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
+from qmailtx.delivery.maildir import MaildirWriter, StaleTmpSweeper, makeMaildir
 from qmailtx.delivery.mbox import MboxError, appendMbox
 from qmailtx.delivery.program import classifyExit, runProgram, spawnFailure
 from qmailtx.delivery.quota import (
@@ -141,6 +141,7 @@ class LocalDeliveryAgent:
         writer: MaildirWriter | None = None,
         fs: FileSystem | None = None,
         clock: Callable[[], float] = time.time,
+        tmpSweeper: StaleTmpSweeper | None = None,
     ) -> None:
         self._run = runner
         self.settings = settings
@@ -150,6 +151,7 @@ class LocalDeliveryAgent:
         self.fs = fs or FileSystem()
         self.writer = writer or MaildirWriter(self.fs)
         self.clock = clock
+        self.tmpSweeper = tmpSweeper if tmpSweeper is not None else StaleTmpSweeper()
 
     def batchKey(self, recipient: Address) -> object:
         return recipient  # qmail-local delivers one recipient at a time
@@ -378,6 +380,7 @@ class LocalDeliveryAgent:
         plan = p.plan
         assert plan is not None
         maildir = path.rstrip("/")
+        self._sweepTmp(maildir)
         prefix = returnPathLines(message.sender, plan.address)
         offset, length = message.messageOffset, message.messageLength
         content = self._rewritten(message, p, source)
@@ -401,16 +404,21 @@ class LocalDeliveryAgent:
         # Written and fsync'd outside the lock, so deliveries into one Maildir
         # overlap; only check, link and count are serialised.
         pending = self.writer.prepare(maildir, prefix, source, offset, length)
+        counted = False
         try:
             with quota.locked():
                 fits, before = quota.checkUsage(size, 1)
                 if not fits:
                     return self._overQuota(plan.address)
                 self.writer.publish(pending)
-                self._count(quota, size, maildir)
+                counted = self._count(quota, size, 1, maildir)
             self.fs.syncDirectory(os.path.join(maildir, "new"))
         except BaseException:
-            self.writer.unpublish(pending)
+            # The usage line went in with the link (a crash then over-counts
+            # until the next recount; it never loses the message); a delivery
+            # that failed after it takes the line back once the file is gone.
+            if self.writer.unpublish(pending) and counted:
+                self._uncount(quota, size, maildir)
             raise
         finally:
             self.writer.discard(pending)
@@ -420,14 +428,39 @@ class LocalDeliveryAgent:
             self._warn(maildir, plan.address, after, quota.limit)
         return None
 
-    def _count(self, quota: MaildirQuota, size: int, maildir: str) -> None:
+    def _sweepTmp(self, maildir: str) -> None:
+        """Remove what killed writers left in tmp/ (D4), once an hour at most."""
         try:
-            quota.add(size, 1)
+            swept = self.tmpSweeper.sweep(maildir, self.clock())
+        except OSError as e:
+            log.warn("sweep of {maildir}/tmp failed: {error}", maildir=maildir, error=e.strerror)
+            return
+        if swept:
+            log.info("removed {count} stale files from {maildir}/tmp", count=swept, maildir=maildir)
+
+    def _count(self, quota: MaildirQuota, size: int, count: int, maildir: str) -> bool:
+        """Append a usage line; False (logged) when maildirsize could not be updated."""
+        try:
+            quota.add(size, count)
         except OSError as e:
             # The message is in new/ already: do not deliver it twice for
             # want of a usage line. The next recount corrects it.
             log.warn(
                 "maildirsize of {maildir} not updated: {error}", maildir=maildir, error=e.strerror
+            )
+            return False
+        return True
+
+    def _uncount(self, quota: MaildirQuota, size: int, maildir: str) -> None:
+        """Take back the usage line of a message removed from new/ again."""
+        try:
+            with quota.locked():
+                self._count(quota, -size, -1, maildir)
+        except OSError as e:
+            log.warn(
+                "maildirsize of {maildir} over-counts until a recount: {error}",
+                maildir=maildir,
+                error=e.strerror,
             )
 
     def _overQuota(self, address: str) -> DeliveryResult:

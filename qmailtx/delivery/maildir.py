@@ -3,6 +3,10 @@
 File names follow the modern uniqueness rule that Courier and Dovecot use:
 ``<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>``, where S is the size of the file
 as written (Maildir++ quota and Dovecot read it).
+
+Files a killed writer left in ``tmp/`` are removed once they are 36 hours
+old (``sweepStaleTmp``), as maildir(5), qmail-local, courier and Dovecot do;
+``StaleTmpSweeper`` does that at most once an hour per Maildir.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qmailtx.fs import FileSystem, unlinkQuietly
+
+STALE_TMP_AGE = 36 * 3600  # maildir(5): files in tmp/ this old are leftovers
+SWEEP_INTERVAL = 3600.0  # StaleTmpSweeper: at most one sweep per Maildir per hour
+SWEEP_MEMORY = 10_000  # StaleTmpSweeper: Maildirs remembered
 
 _counter = itertools.count(1)
 _lock = threading.Lock()
@@ -120,11 +128,23 @@ class MaildirWriter:
             unlinkQuietly(self.fs, pending.tmp)
             pending.tmp = None
 
-    def unpublish(self, pending: PendingMessage) -> None:
-        """Take a published message out of ``new/`` again (its delivery failed)."""
-        if pending.linked:
-            unlinkQuietly(self.fs, os.path.join(pending.maildir, "new", pending.name))
-            pending.linked = False
+    def unpublish(self, pending: PendingMessage) -> bool:
+        """Take a published message out of ``new/`` again (its delivery failed).
+
+        True when a published file is gone now; False when there was none,
+        or when it could not be removed (then it stays, as a duplicate of
+        the retry: the queue's at-least-once).
+        """
+        if not pending.linked:
+            return False
+        try:
+            self.fs.unlink(os.path.join(pending.maildir, "new", pending.name))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        pending.linked = False
+        return True
 
 
 @dataclass
@@ -142,3 +162,69 @@ class PendingMessage:
 def makeMaildir(fs: FileSystem, path: str) -> None:
     for sub in ("tmp", "new", "cur"):
         fs.makedirs(os.path.join(path, sub))
+
+
+def sweepStaleTmp(maildir: str, now: float, age: float = STALE_TMP_AGE) -> int:
+    """Unlink the regular files directly in the Maildir's ``tmp/`` whose
+    mtime is more than ``age`` seconds before ``now``; the number unlinked.
+
+    Blocking: call it from a worker thread. Subdirectories and symbolic
+    links are left alone; a file that goes meanwhile (its writer, another
+    sweep) and a missing ``tmp/`` are not errors; other OSErrors propagate.
+    """
+    limit = now - age
+    swept = 0
+    try:
+        entries = os.scandir(os.path.join(maildir, "tmp"))
+    except FileNotFoundError:
+        return 0
+    with entries:
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.stat(follow_symlinks=False).st_mtime >= limit:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            swept += 1
+    return swept
+
+
+class StaleTmpSweeper:
+    """``sweepStaleTmp`` at most once per ``interval`` per Maildir (thread-safe).
+
+    The last sweep time of at most ``memory`` Maildirs is kept, the least
+    recently swept forgotten first (which costs at most an early sweep).
+    """
+
+    def __init__(
+        self,
+        interval: float = SWEEP_INTERVAL,
+        memory: int = SWEEP_MEMORY,
+        age: float = STALE_TMP_AGE,
+    ) -> None:
+        self.interval = interval
+        self.memory = memory
+        self.age = age
+        self._lock = threading.Lock()
+        self._swept: dict[str, float] = {}  # oldest sweep first
+
+    def due(self, maildir: str, now: float) -> bool:
+        """Is a sweep of ``maildir`` due at ``now``? If so, it counts as done."""
+        with self._lock:
+            last = self._swept.get(maildir)
+            if last is not None and last <= now < last + self.interval:
+                return False
+            self._swept.pop(maildir, None)
+            self._swept[maildir] = now
+            while len(self._swept) > self.memory:
+                del self._swept[next(iter(self._swept))]
+        return True
+
+    def sweep(self, maildir: str, now: float) -> int:
+        """Sweep ``maildir`` if due (blocking); the number of files unlinked."""
+        if not self.due(maildir, now):
+            return 0
+        return sweepStaleTmp(maildir, now, self.age)

@@ -184,7 +184,9 @@ class MaildirQuota:
     of the file.
 
     To deliver: ``with quota.locked(): if quota.check(size): <deliver>;
-    quota.add(size)``. Add only after the message is linked into ``new/``.
+    quota.add(size)``. Add only after the message is linked into ``new/``;
+    if the delivery fails after that (the fsync of ``new/``), remove the
+    message and ``add(-size, -1)``, so a crash can only over-count.
     """
 
     def __init__(

@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from qmailtx.config import Config
+from qmailtx.delivery.maildir import StaleTmpSweeper
 from qmailtx.pop3.mailbox import SizeCache
 from qmailtx.pop3.server import POP3Server
 from qmailtx.queue.store import Runner
@@ -71,6 +72,7 @@ class POP3ServerFactory(Factory):
         throttle: AuthThrottle | None = None,
         users: IUserStore | None = None,
         sizes: SizeCache | None = None,
+        tmpSweeper: StaleTmpSweeper | None = None,
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -80,6 +82,7 @@ class POP3ServerFactory(Factory):
         self.throttle = throttle if throttle is not None else AuthThrottle(clock)
         self.users = users
         self.sizes = sizes if sizes is not None else SizeCache()
+        self.tmpSweeper = tmpSweeper if tmpSweeper is not None else StaleTmpSweeper()
         interfaces = set(portal.listCredentialsInterfaces())
         self.offersUSER = IUsernamePassword in interfaces
         self.offersAPOP = IUsernameHashedPassword in interfaces
@@ -99,6 +102,7 @@ class POP3ServerFactory(Factory):
             self.throttle,
             self.users,
             self.sizes,
+            self.tmpSweeper,
         )
         return twin
 

@@ -25,7 +25,9 @@ chunks for the protocol's producer.
   ``discard`` trims at every one), and the client need not wait for it:
   Cyrus's delayed expunge does the same. Files left in ``tmp/`` by a crash
   before the purge are swept by ``sweepTrash`` at the next login; no
-  Maildir reader looks into ``tmp/``, and the quota never counts it.
+  Maildir reader looks into ``tmp/``, and the quota never counts it. The
+  same sweep removes other files of ``tmp/`` older than 36 hours (a killed
+  writer's), at most once an hour per Maildir (``StaleTmpSweeper``).
 
 Several sessions may serve one Maildir at once (qmail-pop3d and Dovecot
 do): nothing is locked; a message that another session deleted or renamed
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from qmailtx.delivery.local import maildirsizeLimit
+from qmailtx.delivery.maildir import StaleTmpSweeper
 from qmailtx.delivery.quota import MaildirQuota, quotaRoot, sizeFromName
 from qmailtx.vdomain.records import QuotaLimit
 
@@ -428,16 +431,25 @@ def purge(paths: list[str]) -> int:
     return done
 
 
-def sweepTrash(maildir: str) -> int:
+def sweepTrash(
+    maildir: str, now: float | None = None, sweeper: StaleTmpSweeper | None = None
+) -> int:
     """Unlink what a session that ended before its ``purge`` (a crash, a
-    stop) left in tmp/ (blocking); the number unlinked."""
+    stop) left in tmp/ (blocking); the number unlinked.
+
+    Given ``now``, stale files of tmp/ go too (``sweeper.sweep``: 36 hours
+    old, at most once an hour per Maildir; a fresh sweeper without one).
+    """
     folder = os.path.join(maildir, "tmp")
     try:
         with os.scandir(folder) as entries:
             names = [e.path for e in entries if e.name.startswith(TRASH_PREFIX)]
     except FileNotFoundError:
         return 0
-    return purge(names)
+    swept = purge(names)
+    if now is not None:
+        swept += (sweeper or StaleTmpSweeper()).sweep(maildir, now)
+    return swept
 
 
 def commit(

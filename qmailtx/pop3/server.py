@@ -423,7 +423,13 @@ class POP3Server(LineServer[bytes]):
         self._address = account.address
         self._maildir = account.maildir
         self._messages = messages
-        self._background("sweep of tmp/", sweepTrash, account.maildir)
+        self._background(
+            "sweep of tmp/",
+            sweepTrash,
+            account.maildir,
+            self.factory.clock.seconds(),
+            self.factory.tmpSweeper,
+        )
         total = sum(m.size for m in messages)
         log.info(
             "POP3 {mechanism} login {user} from {peer}: {count} messages, {octets} octets",

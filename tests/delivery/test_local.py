@@ -5,12 +5,15 @@ from __future__ import annotations
 import email
 import email.utils
 import errno
+import itertools
 import os
 import threading
+import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -22,10 +25,12 @@ from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
+from qmailtx.queue.bounce import BounceSettings
 from qmailtx.queue.disk import QueueDisk
-from qmailtx.queue.layout import QueuedMessage
+from qmailtx.queue.layout import TODO, QueuedMessage
+from qmailtx.queue.manager import QueueManager, QueueSettings
 from qmailtx.queue.store import QueueStore, Runner, synchronousRunner
-from qmailtx.testing import RecordingFileSystem
+from qmailtx.testing import ManualRunner, RecordingFileSystem
 from qmailtx.vdomain.layout import userFolder
 from qmailtx.vdomain.records import (
     Alias,
@@ -439,6 +444,38 @@ class QuotaTests(_Fixture, SynchronousTestCase):
         self.assertEqual(self.deliver("team@example.com", 100).outcome, Outcome.DELIVERED)
         self.assertEqual(self.deliver("team@example.com", 600).outcome, Outcome.PERMANENT)
 
+    def onDisk(self, user: str = "bob") -> tuple[int, int]:
+        """Bytes and count of the messages in new/ and cur/."""
+        sizes = [
+            os.path.getsize(os.path.join(self.maildir(user), sub, name))
+            for sub in ("new", "cur")
+            for name in os.listdir(os.path.join(self.maildir(user), sub))
+        ]
+        return sum(sizes), len(sizes)
+
+    def counted(self, user: str = "bob") -> tuple[int, int]:
+        """What the delta lines of maildirsize add up to."""
+        lines = [line.split() for line in self.maildirsize(user)[1:]]
+        return sum(int(b) for b, _ in lines), sum(int(c) for _, c in lines)
+
+    def test_failedDirectoryFsyncLeavesNoUsageLine(self) -> None:
+        """Q2: a delivery that fails after its maildirsize line is written
+        takes the line back, so the usage does not drift upwards."""
+        self.assertEqual(self.deliver("bob@example.com", 100).outcome, Outcome.DELIVERED)
+        fs = RecordingFileSystem()
+        fs.failOn["fsyncdir"] = errno.EIO  # the fsync of new/ after the link
+        message = self.queued("bob@example.com", b"x" * 200)
+        d = self.agent(fs=fs).deliver(message, [Address("bob", "example.com")])
+        [result] = self.successResultOf(d)
+        self.assertEqual(result.outcome, Outcome.TEMPORARY, result.text)
+        self.assertIn(
+            ("link", os.path.join(self.maildir("bob"), "new")),
+            [(op, os.path.dirname(path)) for op, path in fs.events],
+        )
+        self.assertEqual(len(self.delivered("bob")), 1)
+        self.assertEqual(os.listdir(os.path.join(self.maildir("bob"), "tmp")), [])
+        self.assertEqual(self.counted(), self.onDisk())
+
     def test_warningOncePerCrossing(self) -> None:
         self.setUpFixture(self.mktemp, warnPercent=50)
         self.deliver("bob@example.com", 200)
@@ -450,6 +487,177 @@ class QuotaTests(_Fixture, SynchronousTestCase):
         self.assertEqual(len(warnings), 1)
         self.deliver("bob@example.com", 10)  # above already: no second warning
         self.assertEqual(len(self.delivered("bob")), 4)
+
+
+FAULTABLE = ("open", "write", "fsync", "link", "rename", "fsyncdir")
+TRANSIENT = (errno.EIO, errno.ENOSPC, errno.EAGAIN)
+
+
+class TransientErrorTests(_Fixture, SynchronousTestCase):
+    """D7: an I/O error at any step of a Maildir delivery defers it, leaves
+    nothing in the Maildir, and the retry delivers exactly one message."""
+
+    # (user, maildirsize before the delivery): no quota; a quota with a
+    # maildirsize; a quota without one (the delivery recounts and writes it).
+    MAILBOXES = (("alice", None), ("bob", "1000S\n0 0\n"), ("bob", ""))
+
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp, warnPercent=0)
+
+    def reset(self, user: str, maildirsize: str | None) -> None:
+        maildir = self.maildir(user)
+        for sub in ("tmp", "new", "cur"):
+            for name in os.listdir(os.path.join(maildir, sub)):
+                os.unlink(os.path.join(maildir, sub, name))
+        path = os.path.join(maildir, "maildirsize")
+        if os.path.exists(path):
+            os.unlink(path)
+        if maildirsize:
+            self.writeFile(path, maildirsize)
+
+    def attempt(self, agent: LocalDeliveryAgent, message: QueuedMessage) -> DeliveryResult:
+        [result] = self.successResultOf(
+            agent.deliver(message, [Address.fromStored(message.recipients[0].lowered())])
+        )
+        return result
+
+    def files(self, user: str) -> dict[str, list[str]]:
+        return {
+            sub: os.listdir(os.path.join(self.maildir(user), sub)) for sub in ("tmp", "new", "cur")
+        }
+
+    def assertCountedRight(self, user: str, case: object) -> None:
+        """maildirsize (when there is one) sums to what new/ holds."""
+        path = os.path.join(self.maildir(user), "maildirsize")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            deltas = [line.split() for line in f.read().splitlines()[1:]]
+        new = os.path.join(self.maildir(user), "new")
+        sizes = [os.path.getsize(os.path.join(new, name)) for name in os.listdir(new)]
+        counted = (sum(int(b) for b, _ in deltas), sum(int(c) for _, c in deltas))
+        self.assertEqual(counted, (sum(sizes), len(sizes)), case)
+
+    def steps(self, user: str, maildirsize: str | None, anonymous: bool) -> list[tuple[str, int]]:
+        """The faultable operations of a clean delivery, as (op, n-th call of op)."""
+        self.reset(user, maildirsize)
+        fs = RecordingFileSystem(anonymous=anonymous)
+        result = self.attempt(self.agent(fs=fs), self.queued(f"{user}@example.com"))
+        self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+        seen: dict[str, int] = {}
+        steps = []
+        for op, _ in fs.events:
+            if op in FAULTABLE:
+                steps.append((op, seen.get(op, 0)))
+                seen[op] = seen.get(op, 0) + 1
+        return steps
+
+    def test_everyStepAndErrnoDefersAndTheRetryDeliversOnce(self) -> None:
+        tried = set()
+        for (user, maildirsize), anonymous in itertools.product(self.MAILBOXES, (True, False)):
+            for (op, nth), code in itertools.product(
+                self.steps(user, maildirsize, anonymous), TRANSIENT
+            ):
+                case = (user, maildirsize, anonymous, op, nth, errno.errorcode[code])
+                tried.add(op)
+                self.reset(user, maildirsize)
+                fs = RecordingFileSystem(anonymous=anonymous)
+                fs.failOn[op] = code
+                fs.failAfter[op] = nth
+                agent = self.agent(fs=fs)
+                message = self.queued(f"{user}@example.com")
+                result = self.attempt(agent, message)
+                self.assertNotIn(op, fs.failOn, case)  # the fault did happen
+                self.assertEqual(result.outcome, Outcome.TEMPORARY, (case, result.text))
+                self.assertIn(os.strerror(code), result.text, case)
+                self.assertEqual(self.files(user), {"tmp": [], "new": [], "cur": []}, case)
+                self.assertCountedRight(user, case)
+                # The fault is gone: the retry delivers the message once.
+                result = self.attempt(agent, message)
+                self.assertEqual(result.outcome, Outcome.DELIVERED, (case, result.text))
+                files = self.files(user)
+                self.assertEqual((files["tmp"], len(files["new"]), files["cur"]), ([], 1, []), case)
+                self.assertCountedRight(user, case)
+        self.assertEqual(tried, set(FAULTABLE))
+        self.assertEqual(self.injected, [])  # no bounce, no auto-reply, nothing
+
+    def test_queueManagerDefersWithoutABounceAndRetries(self) -> None:
+        """The same through the queue manager: EAGAIN at the fsync of new/
+        reschedules the message (no bounce); the retry delivers it once."""
+        self.reset("bob", "1000S\n0 0\n")
+        clock = MemoryReactorClock()
+        clock.advance(int(time.time()))  # queue files carry real mtimes
+        fs = RecordingFileSystem()
+        fs.failOn["fsyncdir"] = errno.EAGAIN
+        runner = ManualRunner()
+        agent = self.agent(runner=runner, fs=fs, clock=clock.seconds)
+        control = buildControl({"me": "mx.test"}, {}, "test")
+        manager = QueueManager(
+            clock,
+            self.queue,
+            {"local": agent},
+            lambda r: "local",
+            QueueSettings({"local": 2}, 604800, BounceSettings.fromControl(control)),
+        )
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        self.queue.inject(
+            clock.seconds(),
+            Address("a", "remote.test"),
+            [Address("bob", "example.com")],
+            MESSAGE,
+            {},
+        )
+        runner.runAll()
+        self.assertNotIn("fsyncdir", fs.failOn)
+        [message] = self.disk.scan().messages
+        self.assertEqual((message.states, message.info.get("b")), ([TODO], None))
+        self.assertEqual(self.files("bob"), {"tmp": [], "new": [], "cur": []})
+        self.assertCountedRight("bob", "first attempt")
+        self.assertEqual(runner.pending, [])
+        clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+        runner.runAll()
+        self.assertEqual(self.disk.scan().messages, [])
+        self.assertEqual(len(self.delivered("bob")), 1)
+        self.assertCountedRight("bob", "retry")
+        self.assertEqual(len(self.injected), 1)  # the message itself; no bounce
+
+
+class StaleTmpTests(_Fixture, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp)
+
+    def test_deliverySweepsStaleTmpOnceAnHour(self) -> None:
+        """D4: a delivery removes files older than 36 hours from the Maildir's
+        tmp/, at most once an hour; fresh ones and new/ are left alone."""
+        now = [time.time() + 10 * 86400]  # the delivered messages are 10 days old then
+        agent = self.agent(clock=lambda: now[0])
+        tmp = os.path.join(self.maildir("alice"), "tmp")
+
+        def put(name: str, age: float) -> None:
+            path = os.path.join(tmp, name)
+            self.writeFile(path, "x")
+            os.utime(path, (now[0] - age, now[0] - age))
+
+        def deliver() -> None:
+            message = self.queued("alice@example.com")
+            [result] = self.successResultOf(
+                agent.deliver(message, [Address("alice", "example.com")])
+            )
+            self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+
+        put("1.old", 37 * 3600)
+        put("2.fresh", 3600)
+        deliver()
+        self.assertEqual(sorted(os.listdir(tmp)), ["2.fresh"])
+        put("3.old", 37 * 3600)
+        now[0] += 1800
+        deliver()
+        self.assertEqual(sorted(os.listdir(tmp)), ["2.fresh", "3.old"])
+        now[0] += 1800
+        deliver()
+        self.assertEqual(sorted(os.listdir(tmp)), ["2.fresh"])
+        self.assertEqual(len(self.delivered("alice")), 3)
 
 
 class ConcurrentQuotaTests(_Fixture, TestCase):

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import os
+import time
 
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -384,6 +385,23 @@ class TransactionTests(SynchronousTestCase):
                 f.write(b"x")
         self.pop.login()
         self.assertEqual(self.pop.files("tmp"), ["3.being.delivered"])
+
+    def test_loginSweepsStaleFilesFromTmp(self) -> None:
+        """D4: files of tmp/ older than 36 hours go at login; fresh ones,
+        subdirectories and the messages (years old) stay."""
+        self.send(b"QUIT\r\n")
+        now = time.time()
+        self.pop.clock.advance(now)
+        tmp = os.path.join(self.pop.maildir, "tmp")
+        os.mkdir(os.path.join(tmp, "sub"))
+        for name, age in (("1.killed", 37 * 3600), ("2.being.delivered", 3600)):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(b"x")
+            os.utime(os.path.join(tmp, name), (now - age, now - age))
+        os.utime(os.path.join(tmp, "sub"), (now - 37 * 3600,) * 2)
+        self.pop.login()
+        self.assertEqual(self.pop.files("tmp"), ["2.being.delivered", "sub"])
+        self.assertEqual(self.pop.files("new"), [self.one, self.two])
 
     def test_quitRecordsDeletionsInMaildirsize(self) -> None:
         path = os.path.join(self.pop.maildir, "maildirsize")

@@ -5,7 +5,9 @@ worker ``runner`` for Maildir scans and updates, the ``tls`` context for
 STLS (None: no STLS; a POP3S listener wraps this factory in
 ``TLSMemoryBIOFactory`` and says so with ``implicitTLS``), the failed-login
 ``throttle`` (shared with SMTP AUTH: one guesser, one penalty), the user
-store for quota limits, and the cache of message sizes.
+store for quota limits, the cache of message sizes, and the connection
+``limiter`` (POP3 and POP3S share one: ``[pop3] max_connections`` and
+``max_connections_per_ip``, loopback exempt from the latter).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from qmailtx.config import Config
+from qmailtx.connlimit import ConnectionLimiter
 from qmailtx.pop3.mailbox import SizeCache
 from qmailtx.pop3.server import POP3Server
 from qmailtx.queue.store import Runner
@@ -47,6 +50,8 @@ class POP3Settings:
     maxBadCommands: int = 20
     authBeforeTLS: bool = False
     implicitTLS: bool = False
+    maxConnections: int = 500  # open POP3 and POP3S connections (0: no cap)
+    maxConnectionsPerIP: int = 20  # from one client address or IPv6 /64; loopback exempt
 
     @classmethod
     def fromConfig(cls, config: Config) -> POP3Settings:
@@ -55,6 +60,8 @@ class POP3Settings:
             timeout=config.pop3.timeout,
             maxBadCommands=config.pop3.max_bad_commands,
             authBeforeTLS=config.pop3.auth_before_tls,
+            maxConnections=config.pop3.max_connections,
+            maxConnectionsPerIP=config.pop3.max_connections_per_ip,
         )
 
 
@@ -71,6 +78,7 @@ class POP3ServerFactory(Factory):
         throttle: AuthThrottle | None = None,
         users: IUserStore | None = None,
         sizes: SizeCache | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -80,6 +88,15 @@ class POP3ServerFactory(Factory):
         self.throttle = throttle if throttle is not None else AuthThrottle(clock)
         self.users = users
         self.sizes = sizes if sizes is not None else SizeCache()
+        if limiter is None:
+            limiter = ConnectionLimiter(
+                clock,
+                settings.maxConnections,
+                settings.maxConnectionsPerIP,
+                isLoopback,
+                name="pop3",
+            )
+        self.limiter = limiter
         interfaces = set(portal.listCredentialsInterfaces())
         self.offersUSER = IUsernamePassword in interfaces
         self.offersAPOP = IUsernameHashedPassword in interfaces
@@ -99,6 +116,7 @@ class POP3ServerFactory(Factory):
             self.throttle,
             self.users,
             self.sizes,
+            self.limiter,
         )
         return twin
 

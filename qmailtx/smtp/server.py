@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qmailtx.address import Address
+from qmailtx.connlimit import Admission
 from qmailtx.lineserver import LineServer
 from qmailtx.policy.chain import runChecks
 from qmailtx.policy.interfaces import IDataCheck
@@ -118,6 +119,7 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._checks: list[IDataCheck] = []
         self._sasl = SASLSession(factory.clock, factory.throttle)
         self._logout: Callable[[], None] | None = None
+        self._admitted: str | None = None  # the host the limiter counted us for
 
     # -- connection ---------------------------------------------------------
 
@@ -131,8 +133,26 @@ class ESMTPServer(LineServer[SMTPReply]):
             clientRelay=self.settings.isRelayClient(host),
             secure=self.settings.implicitTLS,
         )
+        admission = self.factory.limiter.acquire(host)
+        if not admission:
+            self._refuseConnection(admission)
+            return
+        self._admitted = host
         self.startServing()
         self._write(SMTPReply(220, "", f"{self.settings.greeting} ESMTP"))
+
+    def _refuseConnection(self, admission: Admission) -> None:
+        """Over a connection cap: 421 and hang up, reading nothing (S13)."""
+        me = self.settings.me
+        if admission is Admission.TOO_MANY_IN_TOTAL:
+            reply = SMTPReply(421, "4.3.2", f"{me} too many connections, try again later")
+        else:
+            reply = SMTPReply(
+                421, "4.7.0", f"{me} too many connections from your address, try again later"
+            )
+        self._write(reply)
+        self._mode = _CLOSED
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._mode = _CLOSED
@@ -140,6 +160,9 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._abortData()
         self._sasl.close()
         self._endLogin()
+        admitted, self._admitted = self._admitted, None
+        if admitted is not None:
+            self.factory.limiter.release(admitted)
 
     def handshakeCompleted(self) -> None:
         log.info(

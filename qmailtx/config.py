@@ -67,6 +67,9 @@ class SMTPConfig:
     # Open connections from one client address (IPv6: one /64) to one listener
     # group; more get "421 4.7.0". Relay clients and loopback are exempt (0: no cap).
     max_connections_per_ip: int = 20
+    # Seconds one message's DATA may take in all, however slowly it trickles
+    # in; then "451 4.4.2 timeout", nothing queued (0: no limit).
+    data_timeout: int = 1800
 
 
 @dataclass(frozen=True)
@@ -385,6 +388,7 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         max_connections_per_ip=smtp.integer(
             "max_connections_per_ip", smtpDefaults.max_connections_per_ip
         ),
+        data_timeout=smtp.integer("data_timeout", smtpDefaults.data_timeout),
     )
     smtp.finish()
 

@@ -48,6 +48,7 @@ class SMTPSettings:
     timezone: str = ""
     maxConnections: int = 500  # open connections to this listener group (0: no cap)
     maxConnectionsPerIP: int = 20  # from one client address or IPv6 /64 (0: no cap)
+    dataTimeout: float = 1800  # seconds one message's DATA may take in all (0: no limit)
 
     @classmethod
     def fromConfig(cls, config: Config, listener: ListenerConfig | None = None) -> SMTPSettings:
@@ -71,6 +72,7 @@ class SMTPSettings:
             timezone=config.timezone,
             maxConnections=config.smtp.max_connections,
             maxConnectionsPerIP=config.smtp.max_connections_per_ip,
+            dataTimeout=config.smtp.data_timeout,
         )
 
     def isRelayClient(self, host: str) -> bool:

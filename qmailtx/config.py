@@ -61,6 +61,15 @@ class SMTPConfig:
     # Unknown recipients (rcptcheck) one connection may try before every
     # further RCPT is refused (chkuser's limit; 0: no limit).
     max_bad_recipients: int = 10
+    # Open connections to one listener group (smtp, submission, smtps each
+    # count their own); more get "421 4.3.2" (0: no cap).
+    max_connections: int = 500
+    # Open connections from one client address (IPv6: one /64) to one listener
+    # group; more get "421 4.7.0". Relay clients and loopback are exempt (0: no cap).
+    max_connections_per_ip: int = 20
+    # Seconds one message's DATA may take in all, however slowly it trickles
+    # in; then "451 4.4.2 timeout", nothing queued (0: no limit).
+    data_timeout: int = 1800
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,10 @@ class POP3Config:
     # Seconds of silence before autologout (RFC 1939: at least 10 minutes).
     timeout: int = 600
     max_bad_commands: int = 20
+    # Open POP3 and POP3S connections, and those from one client address
+    # (IPv6: one /64; loopback exempt); more get "-ERR [SYS/TEMP]" (0: no cap).
+    max_connections: int = 500
+    max_connections_per_ip: int = 20
 
 
 @dataclass(frozen=True)
@@ -371,6 +384,11 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         ),
         max_bad_recipients=smtp.integer("max_bad_recipients", smtpDefaults.max_bad_recipients),
         cram_md5=smtp.get("cram_md5", _bool, "true or false", smtpDefaults.cram_md5),
+        max_connections=smtp.integer("max_connections", smtpDefaults.max_connections),
+        max_connections_per_ip=smtp.integer(
+            "max_connections_per_ip", smtpDefaults.max_connections_per_ip
+        ),
+        data_timeout=smtp.integer("data_timeout", smtpDefaults.data_timeout),
     )
     smtp.finish()
 
@@ -435,6 +453,10 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         apop=pop3.get("apop", _bool, "true or false", pop3Defaults.apop),
         timeout=pop3.integer("timeout", pop3Defaults.timeout, 600),
         max_bad_commands=pop3.integer("max_bad_commands", pop3Defaults.max_bad_commands, 1),
+        max_connections=pop3.integer("max_connections", pop3Defaults.max_connections),
+        max_connections_per_ip=pop3.integer(
+            "max_connections_per_ip", pop3Defaults.max_connections_per_ip
+        ),
     )
     pop3.finish()
     pop3s.finish()

@@ -36,6 +36,7 @@ from twisted.names import authority, common, dns, server
 from twisted.trial.unittest import SynchronousTestCase
 
 from qmailtx.config import Config, parseConfig
+from qmailtx.connlimit import ConnectionLimiter
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
 from qmailtx.policy.interfaces import IDataCheck, IRecipientCheck, ISenderCheck, ISMTPSession
@@ -223,6 +224,7 @@ class SMTPServerHarness:
         tls: ServerTLS | None = None,
         throttle: AuthThrottle | None = None,
         clock: MemoryReactorClock | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self.clock = clock if clock is not None else MemoryReactorClock()
         self.events: list[tuple[str, str]] = events if events is not None else []
@@ -252,6 +254,7 @@ class SMTPServerHarness:
             portal=portal,
             tls=tls,
             throttle=throttle,
+            limiter=limiter,
         )
         self.transport = RecordingTransport(self.events, IPv4Address("TCP", peerHost, 40000))
         self.protocol: ESMTPServer = self.factory.buildProtocol(None)

@@ -9,6 +9,8 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from qmailtx.config import ConfigError, defaultConfig, loadConfig, parseConfig
+from qmailtx.pop3.factory import POP3Settings
+from qmailtx.smtp.factory import SMTPSettings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ETC = os.path.join(os.path.dirname(HERE), "etc")
@@ -203,3 +205,43 @@ class RemoteSettingsTests(SynchronousTestCase):
         self.assertEqual(config.control.helohost, "out.example.com")
         self.assertEqual((config.control.timeoutremote, config.control.timeoutconnect), (300, 10))
         self.assertEqual(config.unusedControlFiles, ())
+
+
+class ConnectionLimitConfigTests(SynchronousTestCase):
+    """[smtp] and [pop3] max_connections, max_connections_per_ip; [smtp] data_timeout."""
+
+    def test_defaults(self) -> None:
+        config = parseConfig("", "/x")
+        self.assertEqual(
+            (config.smtp.max_connections, config.smtp.max_connections_per_ip), (500, 20)
+        )
+        self.assertEqual(config.smtp.data_timeout, 1800)
+        self.assertEqual(
+            (config.pop3.max_connections, config.pop3.max_connections_per_ip), (500, 20)
+        )
+
+    def test_settingsReachTheProtocols(self) -> None:
+        config = parseConfig(
+            "[smtp]\nmax_connections = 50\nmax_connections_per_ip = 0\ndata_timeout = 600\n"
+            "[pop3]\nmax_connections = 40\nmax_connections_per_ip = 4\n",
+            "/x",
+        )
+        smtp = SMTPSettings.fromConfig(config)
+        self.assertEqual(
+            (smtp.maxConnections, smtp.maxConnectionsPerIP, smtp.dataTimeout), (50, 0, 600)
+        )
+        pop3 = POP3Settings.fromConfig(config)
+        self.assertEqual((pop3.maxConnections, pop3.maxConnectionsPerIP), (40, 4))
+
+    def test_negativeValuesRefused(self) -> None:
+        for text in (
+            "[smtp]\nmax_connections = -1\n",
+            "[smtp]\nmax_connections_per_ip = -5\n",
+            "[smtp]\ndata_timeout = -1\n",
+            '[pop3]\nmax_connections = "many"\n',
+            "[pop3]\nmax_connections_per_ip = 1.5\n",
+        ):
+            key = text.split("\n")[1].split(" ")[0]
+            with self.assertRaises(ConfigError) as caught:
+                parseConfig(text, "/x", source="q.toml")
+            self.assertIn(f"{key} must be an integer >= 0", str(caught.exception))

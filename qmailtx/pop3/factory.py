@@ -5,7 +5,9 @@ worker ``runner`` for Maildir scans and updates, the ``tls`` context for
 STLS (None: no STLS; a POP3S listener wraps this factory in
 ``TLSMemoryBIOFactory`` and says so with ``implicitTLS``), the failed-login
 ``throttle`` (shared with SMTP AUTH: one guesser, one penalty), the user
-store for quota limits, and the cache of message sizes.
+store for quota limits, the cache of message sizes, and the connection
+``limiter`` (POP3 and POP3S share one: ``[pop3] max_connections`` and
+``max_connections_per_ip``, loopback exempt from the latter).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from twisted.logger import Logger
 
 from qmailtx.config import Config
 from qmailtx.delivery.maildir import StaleTmpSweeper
+from qmailtx.connlimit import ConnectionLimiter
 from qmailtx.pop3.mailbox import SizeCache
 from qmailtx.pop3.server import POP3Server
 from qmailtx.queue.store import Runner
@@ -48,6 +51,8 @@ class POP3Settings:
     maxBadCommands: int = 20
     authBeforeTLS: bool = False
     implicitTLS: bool = False
+    maxConnections: int = 500  # open POP3 and POP3S connections (0: no cap)
+    maxConnectionsPerIP: int = 20  # from one client address or IPv6 /64; loopback exempt
 
     @classmethod
     def fromConfig(cls, config: Config) -> POP3Settings:
@@ -56,6 +61,8 @@ class POP3Settings:
             timeout=config.pop3.timeout,
             maxBadCommands=config.pop3.max_bad_commands,
             authBeforeTLS=config.pop3.auth_before_tls,
+            maxConnections=config.pop3.max_connections,
+            maxConnectionsPerIP=config.pop3.max_connections_per_ip,
         )
 
 
@@ -73,6 +80,7 @@ class POP3ServerFactory(Factory):
         users: IUserStore | None = None,
         sizes: SizeCache | None = None,
         tmpSweeper: StaleTmpSweeper | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -83,6 +91,15 @@ class POP3ServerFactory(Factory):
         self.users = users
         self.sizes = sizes if sizes is not None else SizeCache()
         self.tmpSweeper = tmpSweeper if tmpSweeper is not None else StaleTmpSweeper()
+        if limiter is None:
+            limiter = ConnectionLimiter(
+                clock,
+                settings.maxConnections,
+                settings.maxConnectionsPerIP,
+                isLoopback,
+                name="pop3",
+            )
+        self.limiter = limiter
         interfaces = set(portal.listCredentialsInterfaces())
         self.offersUSER = IUsernamePassword in interfaces
         self.offersAPOP = IUsernameHashedPassword in interfaces
@@ -103,6 +120,7 @@ class POP3ServerFactory(Factory):
             self.users,
             self.sizes,
             self.tmpSweeper,
+            self.limiter,
         )
         return twin
 

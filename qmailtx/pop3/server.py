@@ -99,6 +99,7 @@ E_PLAINTEXT = b"-ERR [AUTH] plaintext authentication disallowed without TLS; use
 E_TEMPORARY = b"-ERR [SYS/TEMP] temporary failure, try again later"
 E_MAILBOX = b"-ERR [SYS/TEMP] unable to open the mailbox"
 E_TOO_LONG = b"-ERR line too long"
+E_TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] too many connections"
 
 
 class _Bad(Exception):
@@ -131,12 +132,20 @@ class POP3Server(LineServer[bytes]):
         self._messages: list[Message] = []
         self._logout: Callable[[], None] | None = None
         self._stream: MessageStream | None = None
+        self._admitted: str | None = None  # the host the limiter counted us for
 
     # -- connection ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peerHost = getattr(peer, "host", "unknown")
+        if not self.factory.limiter.acquire(self.peerHost):
+            # Over a connection cap (S13): say so and hang up, reading nothing.
+            self._write(E_TOO_MANY_CONNECTIONS)
+            self._state = _CLOSED
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._admitted = self.peerHost
         self.startServing()
         greeting = f"+OK {self.settings.me} qmailtx POP3 server ready"
         if self.factory.offersAPOP:
@@ -159,6 +168,9 @@ class POP3Server(LineServer[bytes]):
         self._closeStream()
         self._sasl.close()
         self._endLogin()
+        admitted, self._admitted = self._admitted, None
+        if admitted is not None:
+            self.factory.limiter.release(admitted)
 
     def handshakeCompleted(self) -> None:
         log.info(

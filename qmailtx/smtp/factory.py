@@ -3,8 +3,10 @@
 Besides the settings, the queue and the policy checks: the cred ``portal``
 for AUTH (None: no AUTH), the ``tls`` context for STARTTLS (None: no
 STARTTLS; an SMTPS listener wraps this factory in ``TLSMemoryBIOFactory``
-with the same object) and the failed-AUTH ``throttle``, which one instance
-shares between its listeners.
+with the same object), the failed-AUTH ``throttle``, which one instance
+shares between its listeners, and the connection ``limiter``, which is this
+factory's own: the smtp, submission and smtps listener groups are capped
+separately.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 
 from qmailtx.config import Config, IPNetwork, ListenerConfig
+from qmailtx.connlimit import ConnectionLimiter
 from qmailtx.policy.interfaces import IDataCheck, IRecipientCheck, ISenderCheck, ISMTPSession
 from qmailtx.queue.store import QueueStore
 from qmailtx.smtp.auth import SMTPAuthenticator, isLoopback
@@ -43,6 +46,9 @@ class SMTPSettings:
     implicitTLS: bool = False
     authBeforeTLS: bool = False
     timezone: str = ""
+    maxConnections: int = 500  # open connections to this listener group (0: no cap)
+    maxConnectionsPerIP: int = 20  # from one client address or IPv6 /64 (0: no cap)
+    dataTimeout: float = 1800  # seconds one message's DATA may take in all (0: no limit)
 
     @classmethod
     def fromConfig(cls, config: Config, listener: ListenerConfig | None = None) -> SMTPSettings:
@@ -64,6 +70,9 @@ class SMTPSettings:
             implicitTLS=listener.implicitTLS,
             authBeforeTLS=config.smtp.auth_before_tls,
             timezone=config.timezone,
+            maxConnections=config.smtp.max_connections,
+            maxConnectionsPerIP=config.smtp.max_connections_per_ip,
+            dataTimeout=config.smtp.data_timeout,
         )
 
     def isRelayClient(self, host: str) -> bool:
@@ -74,6 +83,11 @@ class SMTPSettings:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self.relayClients)
+
+    def isExemptFromClientCap(self, host: str) -> bool:
+        """Relay clients and loopback may hold any number of connections
+        (Postfix: ``smtpd_client_event_limit_exceptions = $mynetworks``)."""
+        return isLoopback(host) or self.isRelayClient(host)
 
 
 class SMTPServerFactory(Factory):
@@ -90,6 +104,7 @@ class SMTPServerFactory(Factory):
         portal: Portal | None = None,
         tls: ServerTLS | None = None,
         throttle: AuthThrottle | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -101,6 +116,15 @@ class SMTPServerFactory(Factory):
         self.auth = SMTPAuthenticator(portal, settings.me) if portal is not None else None
         self.tls = tls
         self.throttle = throttle if throttle is not None else AuthThrottle(clock)
+        if limiter is None:
+            limiter = ConnectionLimiter(
+                clock,
+                settings.maxConnections,
+                settings.maxConnectionsPerIP,
+                settings.isExemptFromClientCap,
+                name=settings.listener,
+            )
+        self.limiter = limiter
 
     def buildProtocol(self, addr: IAddress | None) -> ESMTPServer:
         protocol = ESMTPServer(self)

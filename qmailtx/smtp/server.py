@@ -16,6 +16,12 @@ AUTH (``qmailtx.smtp.auth``) reads its continuation lines in the same line
 mode, up to RFC 4954's 12288 octets; they are never taken as commands, and
 never logged. A failed login is answered after the throttle's delay.
 
+Time limits: the idle timer (``timeoutsmtpd``) restarts with every read,
+so one message's DATA also has a total deadline (``[smtp] data_timeout``):
+past it the client gets ``451 4.4.2 timeout``, the spool is discarded and
+the connection closed (threats.md S12). Past the factory's connection caps
+a new client gets 421 and is closed before anything it sends is read (S13).
+
 STARTTLS (RFC 3207) answers 220, throws away whatever the client sent after
 the STARTTLS line (CVE-2011-0411: nothing pipelined in plaintext may run
 inside TLS), forgets the session (HELO, transaction, AUTH) and starts TLS.
@@ -28,12 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qmailtx.address import Address
+from qmailtx.connlimit import Admission
 from qmailtx.lineserver import LineServer
 from qmailtx.policy.chain import runChecks
 from qmailtx.policy.interfaces import IDataCheck
@@ -118,6 +125,8 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._checks: list[IDataCheck] = []
         self._sasl = SASLSession(factory.clock, factory.throttle)
         self._logout: Callable[[], None] | None = None
+        self._admitted: str | None = None  # the host the limiter counted us for
+        self._dataDeadline: IDelayedCall | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -131,8 +140,26 @@ class ESMTPServer(LineServer[SMTPReply]):
             clientRelay=self.settings.isRelayClient(host),
             secure=self.settings.implicitTLS,
         )
+        admission = self.factory.limiter.acquire(host)
+        if not admission:
+            self._refuseConnection(admission)
+            return
+        self._admitted = host
         self.startServing()
         self._write(SMTPReply(220, "", f"{self.settings.greeting} ESMTP"))
+
+    def _refuseConnection(self, admission: Admission) -> None:
+        """Over a connection cap: 421 and hang up, reading nothing (S13)."""
+        me = self.settings.me
+        if admission is Admission.TOO_MANY_IN_TOTAL:
+            reply = SMTPReply(421, "4.3.2", f"{me} too many connections, try again later")
+        else:
+            reply = SMTPReply(
+                421, "4.7.0", f"{me} too many connections from your address, try again later"
+            )
+        self._write(reply)
+        self._mode = _CLOSED
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._mode = _CLOSED
@@ -140,6 +167,9 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._abortData()
         self._sasl.close()
         self._endLogin()
+        admitted, self._admitted = self._admitted, None
+        if admitted is not None:
+            self.factory.limiter.release(admitted)
 
     def handshakeCompleted(self) -> None:
         log.info(
@@ -166,11 +196,42 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._abortData()
 
     def _abortData(self) -> None:
+        self._stopDataDeadline()
         if self._spool is not None:
             self._spool.abort()
         self._spool = None
         self._data = None
         self._checks = []
+
+    # -- DATA deadline ------------------------------------------------------------
+
+    def _startDataDeadline(self) -> None:
+        """Bound one message's DATA in total, however the bytes trickle in
+        (S12: the idle timer alone restarts with every byte)."""
+        self._stopDataDeadline()
+        if self.settings.dataTimeout > 0:
+            self._dataDeadline = self.factory.clock.callLater(
+                self.settings.dataTimeout, self._dataTimedOut
+            )
+
+    def _stopDataDeadline(self) -> None:
+        deadline, self._dataDeadline = self._dataDeadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _dataTimedOut(self) -> None:
+        self._dataDeadline = None
+        if self._mode != _DATA:
+            return
+        log.info(
+            "DATA from {peer} session {session} not done after {seconds} s: closing,"
+            " nothing queued",
+            peer=self.session.peerHost,
+            session=self.session.sessionId,
+            seconds=self.settings.dataTimeout,
+        )
+        self._write(R_TIMEOUT)
+        self._close()
 
     # -- line server hooks ----------------------------------------------------
 
@@ -377,6 +438,7 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._data = DataParser(self.settings.databytes)
         self._checks = [makeCheck(session) for _, makeCheck in self.factory.dataChecks]
         self._mode = _DATA
+        self._startDataDeadline()
         return R_GO_AHEAD
 
     def smtp_RSET(self, argument: str) -> SMTPReply:
@@ -571,6 +633,7 @@ class ESMTPServer(LineServer[SMTPReply]):
             for check in self._checks:
                 check.dataReceived(result.output)
         if result.done:
+            self._stopDataDeadline()
             self._buffer = result.rest + self._buffer
             self._mode = _COMMAND
             self._answer(self._endOfData())

@@ -22,8 +22,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from qmailtx.config import Config
-from qmailtx.delivery.maildir import StaleTmpSweeper
 from qmailtx.connlimit import ConnectionLimiter
+from qmailtx.delivery.maildir import StaleTmpSweeper
 from qmailtx.pop3.mailbox import SizeCache
 from qmailtx.pop3.server import POP3Server
 from qmailtx.queue.store import Runner

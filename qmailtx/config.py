@@ -14,10 +14,16 @@ import os
 import tomllib
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from qmailtx.control import Control, ControlError, buildControl, readControlDirectory
+from qmailtx.delivery.identity import (
+    DEFAULT_PROGRAM_USER,
+    ProgramUser,
+    ProgramUserError,
+    resolveProgramUser,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -146,6 +152,11 @@ class DeliveryConfig:
     program_timeout: int = 3600
     # qmail-verh (P4): rewrite ##L/##H for VERP-expanded senders.
     verh: bool = False
+    # Who |program lines run as when the server runs as root: a user name or
+    # "uid:gid" (never root). A server not running as root runs them as itself.
+    program_user: str = DEFAULT_PROGRAM_USER
+    # program_user looked up (parseConfig does it; None only in hand-built configs).
+    programIdentity: ProgramUser | None = None
 
 
 TLS_CHOICES = ("none", "opportunistic", "verify")
@@ -505,8 +516,14 @@ def parseConfig(text: str, baseDirectory: str, source: str = "config") -> Config
         ),
         program_timeout=delivery.integer("program_timeout", dDefaults.program_timeout, 1),
         verh=delivery.get("verh", _bool, "true or false", dDefaults.verh),
+        program_user=delivery.string("program_user", dDefaults.program_user) or "",
     )
     delivery.finish()
+    try:
+        identity = resolveProgramUser(deliveryConfig.program_user)
+    except ProgramUserError as e:
+        raise ConfigError(f"{source}: [delivery] program_user: {e}") from e
+    deliveryConfig = replace(deliveryConfig, programIdentity=identity)
     if deliveryConfig.quota_warning_percent > 100:
         raise ConfigError(f"{source}: [delivery] quota_warning_percent must be 0..100")
 

@@ -34,6 +34,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from qmailtx.address import Address
 from qmailtx.config import Config, ConfigError, ListenerConfig, dnsServers
+from qmailtx.delivery.identity import ProgramUser, programIdentity, resolveProgramUser
 from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import StaleTmpSweeper, makeMaildir
 from qmailtx.delivery.mx import MXResolver, makeResolver
@@ -92,6 +93,28 @@ class WorkerPoolService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class ProgramIdentityLog(Service):
+    """Says once, after twistd dropped privileges, who |program deliveries run as."""
+
+    def __init__(self, configured: ProgramUser) -> None:
+        self.configured = configured
+
+    def startService(self) -> None:
+        super().startService()
+        if programIdentity(self.configured) is not None:
+            log.info(
+                "|program deliveries run as program_user {user}",
+                user=self.configured.describe(),
+            )
+        else:
+            log.info(
+                "|program deliveries run as the server's own user (uid {uid}, gid {gid});"
+                " program_user applies only when running as root",
+                uid=os.geteuid(),
+                gid=os.getegid(),
+            )
 
 
 class DataLockService(Service):
@@ -177,6 +200,10 @@ def makeMailService(
         local = domains.isLocal(recipient.domain) or hosted.contains(recipient.domain)
         return "local" if local else "remote"
 
+    programUser = config.delivery.programIdentity or resolveProgramUser(
+        config.delivery.program_user
+    )
+    ProgramIdentityLog(programUser).setServiceParent(top)
     tmpSweeper = StaleTmpSweeper()  # one hourly sweep per Maildir: delivery and POP3
     local = LocalDeliveryAgent(
         runner,
@@ -190,6 +217,7 @@ def makeMailService(
             programTimeout=config.delivery.program_timeout,
             timezone=config.timezone,
             verh=config.delivery.verh,
+            programUser=programUser,
         ),
         users,
         store,

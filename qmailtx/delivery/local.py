@@ -40,6 +40,7 @@ from qmailtx.delivery.dotqmail import (
     qmailEnvironment,
     ufLine,
 )
+from qmailtx.delivery.identity import ProgramUser, ProgramUserError, programIdentity
 from qmailtx.delivery.interfaces import (
     DeliveryResult,
     IDeliveryAgent,
@@ -75,6 +76,7 @@ log = Logger()
 
 HEADER_LIMIT = 256 * 1024
 DATABASE_DOWN = "Temporary failure: the user database is unavailable. (#4.3.0)"
+NO_PROGRAM_USER = "Unable to run program: running as root and no program_user. (#4.3.0)"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class LocalSettings:
     programTimeout: float = 3600.0
     timezone: str = ""  # dates of generated mail ("": local)
     verh: bool = False  # P4: rewrite ##L/##H for VERP-expanded senders
+    # Who |program lines run as while the server is root ([delivery] program_user);
+    # without one a root server refuses to run programs at all.
+    programUser: ProgramUser | None = None
 
 
 def returnPathLines(sender: Address, address: str) -> bytes:
@@ -544,6 +549,10 @@ class LocalDeliveryAgent:
         if self.reactor is None:
             return temporary("Program deliveries are not available here. (#4.3.0)"), False
         try:
+            user = programIdentity(self.settings.programUser)
+        except ProgramUserError:
+            return temporary(NO_PROGRAM_USER), False
+        try:
             fd = await self._run(self._messageFile, message)
         except OSError as e:
             return temporary(f"Unable to read message: {e.strerror}. (#4.3.0)"), False
@@ -567,6 +576,7 @@ class LocalDeliveryAgent:
                 fd,
                 self.settings.programTimeout,
                 self.reactor,
+                user=user,
             )
         except (OSError, ValueError) as e:
             return spawnFailure(e), False

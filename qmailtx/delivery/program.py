@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
+from qmailtx.delivery.identity import ProgramUser
 from qmailtx.delivery.interfaces import DeliveryResult, delivered, permanent, temporary
 from qmailtx.process import spawnBounded
 
@@ -32,6 +33,7 @@ STOP_EXIT = 99
 TOO_LONG = "Error report too long, sorry."
 CRASHED = "Aack, child crashed. (#4.3.0)"
 TIMED_OUT = "Timeout on program delivery. (#4.3.0)"
+NO_ENTRY_FOR_USER = "permission denied for program_user"
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,15 @@ def runProgram(
     timeout: float,
     clock: IReactorTime,
     *,
-    uid: int | None = None,
-    gid: int | None = None,
+    user: ProgramUser | None = None,
 ) -> Deferred[ProgramResult]:
     """Run ``/bin/sh -c command`` in ``cwd`` with exactly ``env``, stdin from ``stdinFd``.
 
-    ``uid`` and ``gid``, when given, are the identity the program runs as
-    (qmail-local runs as the .qmail's owner, never as root).
+    ``user``, when given, is the identity the program runs as (qmail-local
+    runs as the .qmail's owner, never as root); only root can give one.
+    The child chdirs into ``cwd`` before it drops to ``user``, so whether
+    ``user`` may enter ``cwd`` is judged here, from the folder's mode and
+    owner, and a folder it may not enter is a temporary failure.
 
     ``stdinFd`` must be a seekable file holding the message alone (a program
     may seek or read it twice); it is rewound to 0 first, as qmail-local
@@ -71,7 +75,7 @@ def runProgram(
     output pipes closed; it never fails: when no process could be started
     (``cwd`` unusable, fork refused) the result carries ``startError``.
     """
-    problem = _unusableFolder(cwd)
+    problem = _unusableFolder(cwd, user)
     if problem is not None:
         return succeed(_notStarted(f"Unable to switch to {cwd}: {problem}. (#4.3.0)"))
     if "\0" in command or any("\0" in k or "\0" in v for k, v in env.items()):
@@ -85,8 +89,8 @@ def runProgram(
             [SHELL, "-c", command],
             env=env,
             path=cwd,
-            uid=uid,
-            gid=gid,
+            uid=user.uid if user is not None else None,
+            gid=user.gid if user is not None else None,
             childFDs={0: stdinFd, 1: "r", 2: "r"},
             limit=MAX_OUTPUT,
             timeout=timeout,
@@ -114,8 +118,12 @@ def _notStarted(text: str) -> ProgramResult:
     return ProgramResult(None, None, b"", startError=text)
 
 
-def _unusableFolder(path: str) -> str | None:
-    """Why the child could not chdir into ``path`` (Twisted would report a traceback)."""
+def _unusableFolder(path: str, user: ProgramUser | None = None) -> str | None:
+    """Why the child could not chdir into ``path`` (Twisted would report a traceback).
+
+    With a ``user``, also why that user could not: ``os.access`` would
+    answer for the server, so the folder's mode and owner are read instead.
+    """
     try:
         st = os.stat(path)
     except OSError as e:
@@ -126,6 +134,8 @@ def _unusableFolder(path: str) -> str | None:
         return os.strerror(errno.ENOTDIR)
     if not os.access(path, os.X_OK):
         return os.strerror(errno.EACCES)
+    if user is not None and not user.canEnter(st):
+        return NO_ENTRY_FOR_USER
     return None
 
 

@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 
 from qmailtx.address import Address
 from qmailtx.control import buildControl
+from qmailtx.delivery.identity import resolveProgramUser
 from qmailtx.delivery.interfaces import DeliveryResult, IDeliveryAgent, Outcome
 from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
@@ -48,6 +49,7 @@ from qmailtx.vdomain.userlock import holdFolder, retireFolder
 reactor: Any = _reactor
 
 NO_MAILBOX = "Sorry, no mailbox here by that name. (#5.1.1)"
+NOBODY = resolveProgramUser("nobody")
 MESSAGE = b"From: Bob <bob@remote.test>\nTo: alice@example.com\nSubject: hi\n\nbody\n"
 
 
@@ -738,7 +740,12 @@ class UserLockTests(SynchronousTestCase):
 
 class ProgramAndAutoReplyTests(_Fixture, TestCase):
     def setUp(self) -> None:
-        self.setUpFixture(self.mktemp)
+        # As root (CI) programs run as program_user nobody: alice's folder is
+        # nobody's, as a vpopmail mailbox belongs to the user programs run as.
+        self.setUpFixture(self.mktemp, programUser=NOBODY)
+        self.home = userFolder(self.data, "alice", "example.com").path
+        if os.geteuid() == 0:
+            os.chown(self.home, NOBODY.uid, NOBODY.gid)
 
     async def deliver(
         self, recipient: str, content: bytes = MESSAGE, sender: str = "bob@remote.test"
@@ -767,8 +774,8 @@ class ProgramAndAutoReplyTests(_Fixture, TestCase):
                 self.assertIn("said so", result.text)
 
     async def test_programSeesTheQmailEnvironmentAndMessage(self) -> None:
-        out = os.path.join(self.data, "out")
-        self.dotQmail(f'|{{ echo "$SENDER|$RECIPIENT|$EXT|$HOST|$LOCAL"; cat; }} > {out}\n')
+        out = os.path.join(self.home, "out")  # written relative to the program's cwd
+        self.dotQmail('|{ echo "$SENDER|$RECIPIENT|$EXT|$HOST|$LOCAL"; cat; } > out\n')
         evil = "x$(touch${IFS}pwned)@remote.test"
         result = await self.deliver("alice@example.com", sender=evil)
         self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from qmailtx.delivery.dotqmail import qmailEnvironment
+from qmailtx.delivery.identity import resolveProgramUser
 from qmailtx.delivery.interfaces import Outcome
 from qmailtx.delivery.program import (
     CRASHED,
@@ -31,6 +32,7 @@ from qmailtx.delivery.program import (
 )
 
 MESSAGE = b"Subject: hi\n\nline one\nline two\n"
+NOBODY = resolveProgramUser("nobody")
 
 
 class RunProgramTests(TestCase):
@@ -144,9 +146,9 @@ class RunProgramTests(TestCase):
         os.chmod(self.home, 0o755)  # noqa: S103
         result = await runProgram(
             reactor, "id -u; id -g", self.env(), self.home, self.stdin, 20, reactor,
-            uid=65534, gid=65534,
+            user=NOBODY,
         )  # fmt: skip
-        self.assertEqual(result.output, b"65534\n65534\n")
+        self.assertEqual(result.output, f"{NOBODY.uid}\n{NOBODY.gid}\n".encode())
 
     async def test_workingDirectory(self) -> None:
         result = await self.spawn("pwd")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import pwd
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -245,3 +246,51 @@ class ConnectionLimitConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parseConfig(text, "/x", source="q.toml")
             self.assertIn(f"{key} must be an integer >= 0", str(caught.exception))
+
+
+class ProgramUserConfigTests(SynchronousTestCase):
+    """[delivery] program_user: who |program lines run as when the server is root."""
+
+    def assertRefused(self, value: str, expected: str) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parseConfig(f"[delivery]\nprogram_user = {value!r}\n", "/x", source="q.toml")
+        self.assertTrue(str(caught.exception).startswith("q.toml: [delivery] program_user"))
+        self.assertIn(expected, str(caught.exception))
+
+    def test_defaultIsNobodyLookedUpAtStartUp(self) -> None:
+        nobody = pwd.getpwnam("nobody")
+        delivery = defaultConfig("/x").delivery
+        self.assertEqual(delivery.program_user, "nobody")
+        assert delivery.programIdentity is not None
+        self.assertEqual(
+            (delivery.programIdentity.uid, delivery.programIdentity.gid),
+            (nobody.pw_uid, nobody.pw_gid),
+        )
+
+    def test_uidGidForm(self) -> None:
+        nobody = pwd.getpwnam("nobody")
+        text = f"{nobody.pw_uid}:{nobody.pw_gid}"
+        config = parseConfig(f'[delivery]\nprogram_user = "{text}"\n', "/x")
+        identity = config.delivery.programIdentity
+        assert identity is not None
+        self.assertEqual(
+            (identity.name, identity.uid, identity.gid), (text, nobody.pw_uid, nobody.pw_gid)
+        )
+
+    def test_rootIsRefused(self) -> None:
+        why = "qmail never runs deliveries as root"
+        self.assertRefused("root", f"'root' is root (uid 0); {why}")
+        self.assertRefused("0:0", f"'0:0' is root (uid 0); {why}")
+        self.assertRefused("0:65534", "is root (uid 0)")
+        self.assertRefused(f"{pwd.getpwnam('nobody').pw_uid}:0", "has group 0 (root's group)")
+
+    def test_unknownUserIsRefused(self) -> None:
+        self.assertRefused("no-such-user-qmailtx", "unknown user 'no-such-user-qmailtx'")
+
+    def test_malformedValuesAreRefused(self) -> None:
+        self.assertRefused("", 'is not a user name or "uid:gid"')
+        self.assertRefused("1:x", 'is not a user name or "uid:gid"')
+        self.assertRefused(" nobody", "is not a user name")
+        with self.assertRaises(ConfigError) as caught:
+            parseConfig("[delivery]\nprogram_user = 65534\n", "/x", source="q.toml")
+        self.assertIn("[delivery] program_user must be a string", str(caught.exception))

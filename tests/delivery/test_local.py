@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.utils
 import errno
@@ -22,7 +23,7 @@ from qmailtx.address import Address
 from qmailtx.control import buildControl
 from qmailtx.delivery.identity import resolveProgramUser
 from qmailtx.delivery.interfaces import DeliveryResult, IDeliveryAgent, Outcome
-from qmailtx.delivery.local import LocalDeliveryAgent, LocalSettings
+from qmailtx.delivery.local import NO_PROGRAM_USER, LocalDeliveryAgent, LocalSettings
 from qmailtx.delivery.maildir import MaildirWriter, makeMaildir
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
@@ -738,6 +739,21 @@ class UserLockTests(SynchronousTestCase):
         self.assertTrue(os.path.isdir(kept))
 
 
+class _RecordingReactor:
+    """The real reactor, noting the uid and gid each spawnProcess asks for."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.identities: list[tuple[int | None, int | None]] = []
+
+    def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+        self.identities.append((kwargs.get("uid"), kwargs.get("gid")))
+        return self.real.spawnProcess(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 class ProgramAndAutoReplyTests(_Fixture, TestCase):
     def setUp(self) -> None:
         # As root (CI) programs run as program_user nobody: alice's folder is
@@ -788,6 +804,62 @@ class ProgramAndAutoReplyTests(_Fixture, TestCase):
                 os.path.join(userFolder(self.data, "alice", "example.com").path, "pwned")
             )
         )
+
+    async def test_programRunsAsProgramUserWhenRoot(self) -> None:
+        spawned = _RecordingReactor(reactor)
+        self.dotQmail("|id -u; id -g; exit 111\n")
+        agent = self.agent(reactor=spawned)
+        [result] = await agent.deliver(
+            self.queued("alice@example.com"), [Address.fromStored("alice@example.com")]
+        )
+        self.assertEqual(result.outcome, Outcome.TEMPORARY)
+        if os.geteuid() == 0:
+            # CI: the captured report says nobody, never root.
+            self.assertEqual(result.text, f"{NOBODY.uid}\n{NOBODY.gid}")
+            self.assertEqual(spawned.identities, [(NOBODY.uid, NOBODY.gid)])
+        else:
+            # Only root can switch: the program runs as the server, no uid is asked for.
+            self.assertEqual(result.text, f"{os.geteuid()}\n{os.getegid()}")
+            self.assertEqual(spawned.identities, [(None, None)])
+
+    async def test_rootWithoutProgramUserRunsNoProgram(self) -> None:
+        self.settings = dataclasses.replace(self.settings, programUser=None)
+        self.dotQmail("|echo ran\n")
+        result = await self.deliver("alice@example.com")
+        if os.geteuid() == 0:
+            self.assertEqual((result.outcome, result.text), (Outcome.TEMPORARY, NO_PROGRAM_USER))
+        else:
+            self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+
+    async def test_homeProgramUserCannotEnterIsTemporary(self) -> None:
+        # A folder only its owner may enter, owned by the server, not by program_user.
+        os.chown(self.home, os.geteuid(), os.getegid())
+        os.chmod(self.home, 0o700)
+        self.dotQmail("|echo ran\n")
+        result = await self.deliver("alice@example.com")
+        if os.geteuid() == 0:
+            self.assertEqual(
+                (result.outcome, result.text),
+                (
+                    Outcome.TEMPORARY,
+                    f"Unable to switch to {self.home}: permission denied for program_user."
+                    " (#4.3.0)",
+                ),
+            )
+        else:
+            # Not root: the program runs as the server, which owns the folder.
+            self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+
+    async def test_maildirAndMboxLinesIgnoreProgramUser(self) -> None:
+        # The server itself writes these, into a folder program_user cannot enter.
+        os.chown(self.home, os.geteuid(), os.getegid())
+        os.chmod(self.home, 0o700)
+        self.dotQmail("./Maildir/\n./mbox\n")
+        result = await self.deliver("alice@example.com")
+        self.assertEqual((result.outcome, result.text), (Outcome.DELIVERED, "did 2+0+0/"))
+        self.assertEqual(len(self.delivered("alice")), 1)
+        with open(os.path.join(self.home, "mbox"), "rb") as f:
+            self.assertIn(b"Delivered-To: alice@example.com\n", f.read())
 
     async def test_exit99StopsTheRemainingLines(self) -> None:
         self.dotQmail("./Maildir/\n|exit 99\n./Maildir/\n&x@remote.test\n")

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from qmailtx.delivery.dotqmail import qmailEnvironment
-from qmailtx.delivery.identity import resolveProgramUser
+from qmailtx.delivery.identity import ProgramUser, resolveProgramUser
 from qmailtx.delivery.interfaces import Outcome
 from qmailtx.delivery.program import (
     CRASHED,
@@ -149,6 +149,20 @@ class RunProgramTests(TestCase):
             user=NOBODY,
         )  # fmt: skip
         self.assertEqual(result.output, f"{NOBODY.uid}\n{NOBODY.gid}\n".encode())
+
+    async def test_folderTheUserCannotEnterIsTemporary(self) -> None:
+        # Judged before any child starts (the child chdirs while still root),
+        # so this holds whoever runs the test.
+        os.chmod(self.home, 0o700)
+        stranger = ProgramUser("stranger", os.geteuid() + 1, 54321, frozenset({54321}))
+        result = await runProgram(
+            reactor, "exit 0", self.env(), self.home, self.stdin, 20, reactor, user=stranger
+        )
+        self.assertEqual(
+            classifyExit(result)[0].text,
+            f"Unable to switch to {self.home}: permission denied for program_user. (#4.3.0)",
+        )
+        self.assertEqual(result.exitCode, None)
 
     async def test_workingDirectory(self) -> None:
         result = await self.spawn("pwd")

@@ -6,6 +6,7 @@ import os
 import pwd
 import stat
 
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from qmailtx.delivery.identity import (
@@ -14,6 +15,7 @@ from qmailtx.delivery.identity import (
     programIdentity,
     resolveProgramUser,
 )
+from qmailtx.service import ProgramIdentityLog
 
 USER = ProgramUser("u", 1001, 2001, frozenset({2001, 3001}))
 
@@ -61,3 +63,16 @@ class WhenItAppliesTests(SynchronousTestCase):
     def test_rootWithoutAUserIsRefused(self) -> None:
         with self.assertRaises(ProgramUserError):
             programIdentity(None, lambda: 0)
+
+
+class StartUpLogTests(SynchronousTestCase):
+    def test_saysOnceWhoProgramsRunAs(self) -> None:
+        service = ProgramIdentityLog(USER)
+        with capturedLogs() as events:
+            service.startService()
+        [event] = events
+        if os.geteuid() == 0:
+            self.assertEqual(event["user"], "u (uid 1001, gid 2001)")
+        else:
+            self.assertEqual((event["uid"], event["gid"]), (os.geteuid(), os.getegid()))
+            self.assertNotIn("user", event)

@@ -119,6 +119,10 @@ class RecordingFileSystem(FileSystem):
         self.events.append(("open", path))
         return fd
 
+    def openRead(self, path: str) -> int:
+        self._maybeFail("openRead")
+        return super().openRead(path)
+
     def openUpdate(self, path: str) -> int:
         fd = super().openUpdate(path)
         self._fdPaths[fd] = path

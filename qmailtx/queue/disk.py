@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Collection
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qmailtx.address import Address
 from qmailtx.fs import FileSystem, unlinkQuietly
@@ -68,7 +68,10 @@ class SpoolFile:
 class ScanResult:
     messages: list[QueuedMessage]
     removedTemporary: int
-    quarantined: list[tuple[str, str]]  # (file name, reason)
+    quarantined: list[tuple[str, str]]  # (file name, reason): moved to corrupt/
+    # (file name, reason): left in mess/ for a later look, because reading it
+    # failed (EIO, EMFILE...) or a damaged one could not be moved
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 class QueueDisk:
@@ -96,16 +99,28 @@ class QueueDisk:
             removed += 1
         messages = []
         quarantined = []
+        unreadable = []
         for s in SPLIT:
             folder = os.path.join(self.messDir, s)
             for name in sorted(self.fs.listdir(folder)):
                 path = os.path.join(folder, name)
                 try:
                     messages.append(self.load(name, path))
-                except (QueueFileError, OSError, UnicodeError) as e:
-                    self._quarantine(path, name)
-                    quarantined.append((name, str(e)))
-        return ScanResult(messages, removed, quarantined)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    # Not the file's fault (EIO, EMFILE, ENOMEM...): a good
+                    # message must not end up in corrupt/.
+                    unreadable.append((name, e.strerror or str(e)))
+                except (QueueFileError, UnicodeError) as e:
+                    try:
+                        self._quarantine(path, name)
+                    except OSError as moving:
+                        reason = f"{e}; cannot move it to corrupt/: {moving.strerror or moving}"
+                        unreadable.append((name, reason))
+                    else:
+                        quarantined.append((name, str(e)))
+        return ScanResult(messages, removed, quarantined, unreadable)
 
     def load(self, msgid: str, path: str) -> QueuedMessage:
         fd = self.fs.openRead(path)

@@ -61,6 +61,7 @@ from qmailtx.queue.store import QueueStore
 log = Logger()
 
 HEADER_LIMIT = 64 * 1024
+RELOOK_DELAY = 60  # seconds before looking again for queue files that could not be read
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class QueueManager(Service):
         self._seq = itertools.count()
         self._deliveryIds = itertools.count(1)
         self._timer: IDelayedCall | None = None
+        self._relook: IDelayedCall | None = None  # another look for unreadable files
         # per channel: waiting jobs, and the slots (channel and key) taken
         self._slots: dict[str, SlotQueue[_Job]] = {
             channel: SlotQueue(settings.concurrency.get(channel, 1), agent.batchLimit)
@@ -144,6 +146,9 @@ class QueueManager(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._relook is not None and self._relook.active():
+            self._relook.cancel()
+        self._relook = None
         for slots in self._slots.values():
             slots.clear()  # still queued on disk; taken up again at the next start
         return self.whenIdle().addCallback(self._forget)
@@ -185,6 +190,16 @@ class QueueManager(Service):
                 msgid=name,
                 reason=reason,
             )
+        for name, reason in result.unreadable:
+            log.warn(
+                "recovery: queue file {msgid} cannot be read now ({reason}); left in the"
+                " queue, looking again in {delay} s",
+                msgid=name,
+                reason=reason,
+                delay=RELOOK_DELAY,
+            )
+        if result.unreadable:
+            self._relook = self.reactor.callLater(RELOOK_DELAY, self.pickUp, None)
         recovered = 0
         for message in result.messages:
             if message.msgid not in self.messages:
@@ -307,7 +322,9 @@ class QueueManager(Service):
         self._armTimer()
 
     def retryNow(self) -> None:
-        """Try every deferred message now (qmail-send's SIGALRM)."""
+        """Try every deferred message now (qmail-send's SIGALRM), and look
+        through the queue for files not taken up yet."""
+        self.pickUp(None)
         now = self.reactor.seconds()
         for state in list(self.messages.values()):
             for channel in list(state.nextAttempt):

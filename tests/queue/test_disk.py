@@ -126,6 +126,35 @@ class RecoveryTests(SynchronousTestCase):
             sorted([os.path.basename(torn), "garbage", "empty"]),
         )
 
+    def test_fileThatCannotBeReadNowIsLeftInPlace(self) -> None:
+        """EMFILE or EIO at start-up is not the file's fault: a good message
+        must not end up in corrupt/ (threats.md D5)."""
+        fs = RecordingFileSystem()
+        self.disk = QueueDisk(self.disk.root, fs)
+        path = self.queue()
+        fs.failOn["openRead"] = errno.EMFILE
+        result = self.disk.scan()
+        name = os.path.basename(path)
+        self.assertEqual((result.messages, result.quarantined), ([], []))
+        self.assertEqual(result.unreadable, [(name, os.strerror(errno.EMFILE))])
+        self.assertEqual(os.listdir(self.disk.corruptDir), [])
+        self.assertEqual([m.path for m in self.disk.scan().messages], [path])
+
+    def test_damagedFileThatCannotBeMovedDoesNotStopTheScan(self) -> None:
+        fs = RecordingFileSystem()
+        self.disk = QueueDisk(self.disk.root, fs)
+        good = self.queue()
+        garbage = os.path.join(self.disk.messDir, "3", "garbage")
+        with open(garbage, "wb") as f:
+            f.write(os.urandom(200))
+        fs.failOn["rename"] = errno.EIO
+        result = self.disk.scan()
+        self.assertEqual([m.path for m in result.messages], [good])
+        [(name, reason)] = result.unreadable
+        self.assertEqual(name, "garbage")
+        self.assertIn("cannot move it to corrupt/", reason)
+        self.assertTrue(os.path.exists(garbage))
+
     def test_markIsInPlaceAndSurvivesRereading(self) -> None:
         message = self.disk.inject(
             1000.0,

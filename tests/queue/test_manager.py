@@ -12,7 +12,7 @@ from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -30,7 +30,7 @@ from qmailtx.delivery.interfaces import (
 from qmailtx.queue.bounce import BounceSettings, FailedRecipient, buildBounce
 from qmailtx.queue.disk import QueueDisk
 from qmailtx.queue.layout import DELIVERED, FAILED, TODO, QueuedMessage
-from qmailtx.queue.manager import QueueManager, QueueSettings
+from qmailtx.queue.manager import RELOOK_DELAY, QueueManager, QueueSettings
 from qmailtx.queue.store import Queued, QueueStore, synchronousRunner
 from qmailtx.testing import ManualRunner, RecordingFileSystem
 
@@ -407,6 +407,22 @@ class RecoveryTests(ManagerTestCase):
         self.assertEqual(len(self.local.calls), 5)
         self.assertEqual(self.queuedMessages(), [])
 
+    def test_fileUnreadableAtStartUpIsLookedForAgain(self) -> None:
+        self.disk.inject(
+            self.clock.seconds(), Address("a", "b.example"), [Address("u", "mx.test")], b"x\n", {}
+        )
+        self.fs.failOn["openRead"] = errno.EIO
+        with capturedLogs() as events:
+            self.makeManager(lambda m, r: delivered("ok"))
+        self.assertEqual(self.local.calls, [])
+        self.assertTrue(
+            any("cannot be read now" in formatEvent(e) for e in events),
+            [formatEvent(e) for e in events],
+        )
+        self.clock.advance(RELOOK_DELAY)
+        self.assertEqual(len(self.local.calls), 1)
+        self.assertEqual(self.queuedMessages(), [])
+
     def test_nextAttemptSurvivesARestart(self) -> None:
         message = self.disk.inject(
             self.clock.seconds(), Address("a", "b.example"), [Address("u", "mx.test")], b"x\n", {}
@@ -585,6 +601,16 @@ class RetryNowTests(ManagerTestCase):
         self.assertEqual(len(self.local.calls), 1)
         manager.retryNow()
         self.assertEqual(len(self.local.calls), 2)
+
+    def test_retryNowLooksForFilesNotTakenUpYet(self) -> None:
+        manager = self.makeManager(lambda m, r: delivered("ok"))
+        # Linked by another process whose wake-up got lost.
+        self.disk.inject(
+            self.clock.seconds(), Address("a", "b.example"), [Address("u", "mx.test")], b"x\n", {}
+        )
+        self.assertEqual(self.local.calls, [])
+        manager.retryNow()
+        self.assertEqual(len(self.local.calls), 1)
 
     def test_sigalrmHandlerCallsRetryNow(self) -> None:
         from qmailtx.tap import flushOnSignal

@@ -143,7 +143,7 @@ class DataProducer:
         self._fail(SourceError(failure.value), True)
 
     def _fail(self, error: Exception, unregister: bool) -> None:
-        if self.finished:
+        if self.finished or self.done.called:
             return
         self.finished = True
         if unregister:

@@ -42,13 +42,19 @@ class QueueFileSourceTests(ClientTestCase):
         return self.disk.inject(1000.0, SENDER, [RCPT], content, {})
 
     def agent(self, destinations: list[Destination]) -> RemoteDeliveryAgent:
+        self.jobs: list[str] = []
+
+        def run(f: Any, *args: Any) -> Deferred[Any]:
+            self.jobs.append(f.__name__)
+            return self.pool.run(f, *args)
+
         def find(domain: str, route: Route | None = None) -> Deferred[list[Destination]]:
             return succeed(destinations)
 
         return RemoteDeliveryAgent(
             reactor,
-            lambda m: openQueuedMessage(self.pool, self.disk, m),
-            self.pool,
+            lambda m: openQueuedMessage(run, self.disk, m),
+            run,
             find,
             RemoteSettings(heloName="mx.ours.test", tls="none", replyTimeout=30),
         )
@@ -79,6 +85,19 @@ class QueueFileSourceTests(ClientTestCase):
         wire = wireMessage(content)
         self.assertEqual(good.messages, [wire])
         self.assertIn(f"SIZE={len(wire) - 3} BODY=8BITMIME", good.commands[1])
+        chunks = -(-len(content) // CHUNK_SIZE)
+        self.assertEqual(self.jobs, ["_firstPass"] + ["readMessageChunk"] * chunks)
+
+    async def test_smallMessageSentFromTheFirstPass(self) -> None:
+        """A message of one chunk at most costs one worker job, as before streaming."""
+        good = await self.serve(BigMX)
+        content = b"Subject: small\n\n.dot\r\nbare\rcr\nno newline"
+        message = self.queue(content)
+        agent = self.agent([Destination("mx.example.org", "127.0.0.1", self.port, 10)])
+        [result] = await agent.deliver(message, [RCPT])
+        self.assertEqual(result.outcome, Outcome.DELIVERED, result.text)
+        self.assertEqual(good.messages, [wireMessage(content)])
+        self.assertEqual(self.jobs, ["_firstPass"])
 
     async def test_unreadableQueueFileIsTemporary(self) -> None:
         good = await self.serve(BigMX)

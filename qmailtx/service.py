@@ -40,6 +40,7 @@ from qmailtx.delivery.maildir import StaleTmpSweeper, makeMaildir
 from qmailtx.delivery.mx import MXResolver, makeResolver
 from qmailtx.delivery.remote import RemoteDeliveryAgent, RemoteSettings, ownAddresses
 from qmailtx.delivery.routes import parseOutgoingIP, parseSmtpRoutes
+from qmailtx.delivery.source import openQueuedMessage
 from qmailtx.domains import DomainTable
 from qmailtx.fs import FileSystem
 from qmailtx.pop3.factory import POP3ServerFactory, POP3Settings
@@ -424,7 +425,7 @@ def _makeRemote(
     )
     return RemoteDeliveryAgent(
         reactor,
-        lambda message: store.readMessage(message, message.messageLength),
+        lambda message: openQueuedMessage(runner, store.disk, message),
         runner,
         resolver.destinations,
         RemoteSettings(

@@ -52,6 +52,7 @@ from qmailtx.delivery.routes import OutgoingIP, Route, SmtpRoutes
 from qmailtx.delivery.verh import isVerpFor, rewrite
 from qmailtx.queue.layout import QueuedMessage
 from qmailtx.smtp.client import ClientOptions, Reply, TransactionResult, sendMessage
+from qmailtx.smtp.source import BytesSource, MessageSource
 
 log = Logger()
 
@@ -71,7 +72,7 @@ class Sender(Protocol):
         options: ClientOptions,
         sender: str,
         recipients: list[str],
-        message: bytes,
+        message: MessageSource,
         tlsCreator: Any = None,
     ) -> Awaitable[TransactionResult]: ...
 
@@ -156,18 +157,19 @@ class RemoteDeliveryAgent:
     def __init__(
         self,
         reactor: Any,
-        readMessage: Callable[[QueuedMessage], Deferred[bytes]],
+        openMessage: Callable[[QueuedMessage], Awaitable[MessageSource]],
         runner: Callable[..., Deferred[Any]],
         destinations: DestinationFinder,
         settings: RemoteSettings,
         send: Sender | None = None,
         tlsCreator: Any = None,
     ) -> None:
-        """``readMessage(message)`` reads the queued message (in a worker);
+        """``openMessage(message)`` answers the queued message as a source the
+        client streams from (``qmailtx.delivery.source``, reading in a worker);
         ``runner`` runs blocking work (``whenDelivered``) in a worker;
         ``destinations`` is ``MXResolver.destinations``."""
         self.reactor = reactor
-        self._read = readMessage
+        self._open = openMessage
         self._run = runner
         self._destinations = destinations
         self.settings = settings
@@ -228,33 +230,50 @@ class RemoteDeliveryAgent:
             return [make(e.text) for _ in recipients]
         if not destinations:
             return [permanent(NO_HOST) for _ in recipients]
+        # The message is streamed from the queue file; a partial final line
+        # is completed on the wire (qmail refuses them; completing is kinder).
         try:
-            body = await self._read(message)
+            source = await self._open(message)
         except OSError as e:
-            text = f"Unable to read message: {e.strerror}. (#4.3.0)"
-            return [temporary(text) for _ in recipients]
-        if body and not body.endswith(b"\n"):
-            body += b"\n"  # qmail refuses partial final lines; completing it is kinder
+            return [self._unreadable(e) for _ in recipients]
         if not self.settings.verh:
-            return await self._sendAll(message, recipients, body, domain, route, destinations)
+            return await self._sendAll(message, recipients, source, domain, route, destinations)
         # verh (P4): a recipient the sender was VERP-expanded for gets its own
-        # transaction with its own rewritten copy; the others go together.
+        # transaction with its own rewritten copy, made in memory (the one
+        # case that reads the whole message); the others go together, streamed.
         results: dict[int, DeliveryResult] = {}
         plain = [i for i, r in enumerate(recipients) if not isVerpFor(message.sender, r)]
-        groups = [([i], rewrite(body, r)) for i, r in enumerate(recipients) if i not in plain]
+        groups: list[tuple[list[int], MessageSource]] = []
+        if len(plain) < len(recipients):
+            try:
+                body = await source.readAll()
+            except OSError as e:
+                return [self._unreadable(e) for _ in recipients]
+            if body and not body.endswith(b"\n"):
+                body += b"\n"
+            groups = [
+                ([i], BytesSource(rewrite(body, r)))
+                for i, r in enumerate(recipients)
+                if i not in plain
+            ]
+            del body
         if plain:
-            groups.append((plain, body))
+            groups.append((plain, source))
         for indices, content in groups:
             batch = [recipients[i] for i in indices]
             done = await self._sendAll(message, batch, content, domain, route, destinations)
             results.update(zip(indices, done, strict=True))
         return [results[i] for i in range(len(recipients))]
 
+    @staticmethod
+    def _unreadable(e: OSError) -> DeliveryResult:
+        return temporary(f"Unable to read message: {e.strerror}. (#4.3.0)")
+
     async def _sendAll(
         self,
         message: QueuedMessage,
         recipients: list[Address],
-        body: bytes,
+        body: MessageSource,
         domain: str,
         route: Route | None,
         destinations: list[Destination],
@@ -304,7 +323,7 @@ class RemoteDeliveryAgent:
         self,
         message: QueuedMessage,
         sent: list[str],
-        body: bytes,
+        body: MessageSource,
         domain: str,
         route: Route | None,
         destination: Destination,

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -379,6 +379,32 @@ class QueueDisk:
         fd = self.fs.openRead(message.path)
         try:
             return self.fs.readAt(fd, min(limit, message.messageLength), message.messageOffset)
+        finally:
+            self.fs.close(fd)
+
+    def readMessageChunk(self, message: QueuedMessage, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of the message from ``offset`` (b"" past its end)."""
+        size = max(min(size, message.messageLength - offset), 0)
+        if not size:
+            return b""
+        fd = self.fs.openRead(message.path)
+        try:
+            return self.fs.readAt(fd, size, message.messageOffset + offset)
+        finally:
+            self.fs.close(fd)
+
+    def iterMessage(self, message: QueuedMessage, size: int) -> Iterator[bytes]:
+        """The message in chunks of ``size`` bytes, one open file for them all."""
+        fd = self.fs.openRead(message.path)
+        try:
+            offset = 0
+            while offset < message.messageLength:
+                want = min(size, message.messageLength - offset)
+                chunk = self.fs.readAt(fd, want, message.messageOffset + offset)
+                if not chunk:
+                    raise OSError(errno.EIO, "Queue file shorter than its message")
+                offset += len(chunk)
+                yield chunk
         finally:
             self.fs.close(fd)
 

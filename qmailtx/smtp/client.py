@@ -29,11 +29,14 @@ The dialogue:
 - QUIT at the end (its reply is awaited briefly), then the connection is
   closed and ``sendMessage`` returns once it is.
 
-The message is stored with LF line ends. On the wire every LF becomes CRLF,
-a CRLF already present stays one line end, and a CR not followed by LF is
-dropped (so no bare CR or LF ever leaves); lines starting with ``.`` are
-dot-stuffed; a last line without LF gets one; the data ends in exactly one
-``CRLF.CRLF``.
+The message is stored with LF line ends and sent in wire form
+(``qmailtx.smtp.wire``: CRLF, bare CR dropped, dot-stuffed, ``CRLF.CRLF``).
+It comes from a ``MessageSource`` (``qmailtx.smtp.source``; plain bytes are
+wrapped in a ``BytesSource``), streamed chunk by chunk through a producer,
+so a connection never holds more than a chunk or two of it. The time from
+the 354 to DATA until the reply after the message is bounded by
+``replyTimeout``, sending included, as when the message went out in one
+write.
 
 Replies are parsed within bounds (``qmailtx.smtp.replies``); a hostile or
 broken reply aborts the connection with a temporary ``failure``.
@@ -53,6 +56,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
@@ -65,6 +69,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qmailtx.smtp.replies import MAX_LINE_LENGTH, MAX_LINES, Reply, ReplyError, ReplyParser
+from qmailtx.smtp.source import BytesSource, DataProducer, MessageSource, SourceError
+from qmailtx.smtp.wire import wireMessage
 
 __all__ = ["ClientOptions", "Reply", "TransactionResult", "sendMessage", "wireMessage"]
 
@@ -128,21 +134,6 @@ class _Abort(Exception):
         self.quit = quit
 
 
-def wireMessage(message: bytes) -> bytes:
-    """The message as sent after DATA: CRLF, dot-stuffed, ``CRLF.CRLF``-ended."""
-    body = message.replace(b"\r\n", b"\n").replace(b"\r", b"")
-    if body and not body.endswith(b"\n"):
-        body += b"\n"
-    body = body.replace(b"\n.", b"\n..")
-    if body.startswith(b"."):
-        body = b"." + body
-    return body.replace(b"\n", b"\r\n") + b".\r\n"
-
-
-def _hasEightBit(message: bytes) -> bool:
-    return not message.isascii()
-
-
 def _isIP(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -184,6 +175,7 @@ class _ClientProtocol(Protocol):
         self.discarding = False
         self.handshake: Deferred[None] | None = None
         self.discarded = b""
+        self.producer: DataProducer | None = None
 
     # IProtocol
 
@@ -214,6 +206,8 @@ class _ClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = reason = reason or Failure(ConnectionDone())
+        if self.producer is not None:
+            self.producer.stopProducing()
         self._deliver()
         if self.handshake is not None:
             d, self.handshake = self.handshake, None
@@ -244,6 +238,17 @@ class _ClientProtocol(Protocol):
         self.outstanding += replies
         assert self.transport is not None
         self.transport.write(data)
+
+    def sendData(self, source: MessageSource) -> Deferred[None]:
+        """Stream the message (one reply expected after it); fires once all is written."""
+        self.outstanding += 1
+        assert self.transport is not None
+        self.producer = DataProducer(source, cast(IConsumer, self.transport))
+        return self.producer.start()
+
+    def stopData(self) -> None:
+        if self.producer is not None:
+            self.producer.stop()
 
     def readReply(self, timeout: float) -> Deferred[Reply]:
         assert self.waiter is None, "one reader at a time"
@@ -332,7 +337,7 @@ class _Dialogue:
         self.proto.send(line)
         return await self.read()
 
-    async def run(self, sender: str, recipients: list[str], message: bytes) -> None:
+    async def run(self, sender: str, recipients: list[str], message: MessageSource) -> None:
         greeting = self.result.greeting = await self.read()
         if greeting.code != 220:
             raise _Abort(f"Connected to {self.peer} but greeting failed. (#4.4.2)")
@@ -436,19 +441,19 @@ class _Dialogue:
                 permanent=reply.code // 100 == 5,
             )
 
-    async def transaction(self, sender: str, recipients: list[str], message: bytes) -> None:
-        wire = wireMessage(message)
+    async def transaction(self, sender: str, recipients: list[str], message: MessageSource) -> None:
+        wireSize = message.info.size
         extensions = self.result.extensions
         parameters = ""
         if "SIZE" in extensions:
             limit = extensions["SIZE"].split()[:1]
-            if limit and limit[0].isdigit() and 0 < int(limit[0]) < len(wire) - 3:
+            if limit and limit[0].isdigit() and 0 < int(limit[0]) < wireSize - 3:
                 raise _Abort(
                     f"Message is too big for the remote host (SIZE {int(limit[0])}). (#5.3.4)",
                     permanent=True,
                 )
-            parameters += f" SIZE={len(wire) - 3}"
-        if _hasEightBit(message) and "8BITMIME" in extensions:
+            parameters += f" SIZE={wireSize - 3}"
+        if message.info.eightBit and "8BITMIME" in extensions:
             parameters += " BODY=8BITMIME"
         mail = f"MAIL FROM:<{sender}>{parameters}"
         rcpts = [f"RCPT TO:<{r}>" for r in recipients]
@@ -479,8 +484,33 @@ class _Dialogue:
             self.result.data = dataReply
             return
         self.result.messageSent = True
-        self.proto.sendRaw(wire, 1)
-        self.result.data = await self.read()
+        started = self.proto.reactor.seconds()
+        await self.sendData(message)
+        elapsed = self.proto.reactor.seconds() - started
+        self.result.data = await self.read(max(self.options.replyTimeout - elapsed, 0.001))
+
+    async def sendData(self, message: MessageSource) -> None:
+        """Stream the message; the whole of it within ``replyTimeout``."""
+        sending = self.proto.sendData(message)
+        sending.addTimeout(self.options.replyTimeout, self.proto.reactor)
+        try:
+            await sending
+        except (DeferredTimeoutError, CancelledError):
+            raise _Abort(f"Connection to {self.peer} timed out. (#4.4.2)", quit=False) from None
+        except SourceError as e:
+            # The data is incomplete: never end it, drop the connection.
+            if self.proto.transport is not None:
+                self.proto.transport.abortConnection()  # type: ignore[attr-defined]
+            text = getattr(e.reason, "strerror", None) or _describe(e.reason)
+            raise _Abort(f"Unable to read message: {text}. (#4.3.0)", quit=False) from None
+        except Exception as e:
+            if self.proto.error is not None:
+                raise _Abort(
+                    f"Connected to {self.peer} but {self.proto.error}. (#4.5.0)", quit=False
+                ) from None
+            raise self._died(e) from None
+        finally:
+            self.proto.stopData()
 
     def _accepted(self) -> bool:
         mail = self.result.mail
@@ -508,7 +538,7 @@ async def sendMessage(
     options: ClientOptions,
     sender: str,
     recipients: list[str],
-    message: bytes,
+    message: bytes | MessageSource,
     tlsCreator: Callable[[str], IOpenSSLClientConnectionCreator] | None = None,
     maxLineLength: int = MAX_LINE_LENGTH,
     maxLines: int = MAX_LINES,
@@ -516,7 +546,9 @@ async def sendMessage(
     """Try to hand ``message`` to the peer behind ``endpoint`` for
     ``recipients`` (see the module docstring); never raises for the peer's
     doings. ``tlsCreator(hostname)``, when given, makes the TLS client
-    connection creator for both "opportunistic" and "verify"."""
+    connection creator for both "opportunistic" and "verify". ``message``
+    is the stored message (LF line ends), or a source to stream it from."""
+    source = BytesSource(message) if isinstance(message, bytes) else message
     for address in [sender, *recipients]:
         if _badAddress(address):
             return TransactionResult(
@@ -549,7 +581,7 @@ async def sendMessage(
     dialogue = _Dialogue(proto, options, result, tlsCreator)
     try:
         try:
-            await dialogue.run(sender, recipients, message)
+            await dialogue.run(sender, recipients, source)
         except _Abort as e:
             result.failure, result.permanent = e.failure, e.permanent
             if not e.quit:

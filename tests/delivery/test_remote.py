@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -25,6 +25,8 @@ from qmailtx.delivery.remote import (
 from qmailtx.delivery.routes import Route, parseOutgoingIP, parseSmtpRoutes
 from qmailtx.queue.layout import TODO, QueuedMessage
 from qmailtx.smtp.client import ClientOptions, Reply, TransactionResult
+from qmailtx.smtp.source import BytesSource, MessageSource
+from qmailtx.smtp.wire import wireMessage
 
 MX1 = Destination("mx1.example.org", "192.0.2.1", 25, 10)
 MX2 = Destination("mx2.example.org", "192.0.2.2", 25, 20)
@@ -99,7 +101,7 @@ class FakeSender:
         options: ClientOptions,
         sender: str,
         recipients: list[str],
-        message: bytes,
+        message: MessageSource,
         tlsCreator: Any = None,
     ) -> Deferred[TransactionResult]:
         address = endpoint._host  # type: ignore[attr-defined]
@@ -110,7 +112,9 @@ class FakeSender:
                 "options": options,
                 "sender": sender,
                 "recipients": recipients,
-                "message": message,
+                "source": message,
+                "message": _stored(message),
+                "wire": wireMessage(_stored(message)),
             }
         )
         answer = self.answers[address]
@@ -129,6 +133,25 @@ class FakeDestinations:
             d.errback(self.answer)
             return d
         return succeed(self.answer)
+
+
+def _stored(source: MessageSource) -> bytes:
+    """The message ``source`` streams, read chunk by chunk (test sources answer at once)."""
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = cast(bytes, succeedingResult(source.read(offset, 7)))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def succeedingResult(d: Deferred[Any]) -> Any:
+    found: list[Any] = []
+    d.addBoth(found.append)
+    return found[0]
 
 
 def syncRunner(f: Any, *args: Any) -> Deferred[Any]:
@@ -150,7 +173,7 @@ class Harness:
         settings.setdefault("heloName", "mx.ours.test")
         self.agent = RemoteDeliveryAgent(
             self.reactor,
-            lambda m: succeed(self.body),
+            lambda m: succeed(BytesSource(self.body)),
             syncRunner,
             self.destinations,
             RemoteSettings(**settings),
@@ -347,7 +370,7 @@ class RemoteAgentTests(SynchronousTestCase):
     def test_partialFinalLineIsCompleted(self) -> None:
         h = Harness({"192.0.2.1": accepted()}, [MX1], body=b"Subject: x\n\nno newline")
         self.successResultOf(h.deliver("a@example.org"))
-        self.assertEqual(h.sender.calls[0]["message"], b"Subject: x\n\nno newline\n")
+        self.assertEqual(h.sender.calls[0]["wire"], b"Subject: x\r\n\r\nno newline\r\n.\r\n")
 
     def test_whenDeliveredRunsOnlyWhenAllDelivered(self) -> None:
         ran: list[int] = []

@@ -7,13 +7,17 @@ keeps their answers, negative ones included, for one value of the store's
 ``version()``: the generation counter that the database bumps on every
 change, whoever makes it (``qmailctl`` in another process included).
 
-The rule: an answer is served only while ``version()`` still has the value
-it had when the answer was read; a new value empties the cache. Outside
-``pinned()`` every lookup asks ``version()`` first, so it is never older
-than the database. Inside ``with pinned(store):`` (one message, in one
-worker thread) ``version()`` is asked once, at the first lookup, and every
-lookup of the block is answered as of that moment or later: a change made
-by another process during the block is seen by the next block.
+The rule: an answer is kept only if ``version()`` had the same value
+before and after it was read (so it is exactly that version's), and served
+only while ``version()`` still has that value; a new value empties the
+cache. Outside ``pinned()`` every lookup asks ``version()`` first, so it is
+never older than the database. Inside ``with pinned(store):`` (one
+message, in one worker thread) ``version()`` is asked once, at the first
+lookup, and the block's answers are as of that moment or later, never going
+back: a change made by another process during the block counts from the
+next block, or from the first lookup of this one that has to read the
+store and sees the new version. A hit costs no query; a miss costs the
+read and one ``version()``.
 
 Writes go straight to the store and empty the cache; an answer read before
 a write made through this object is never stored after it (an epoch counter
@@ -97,7 +101,8 @@ class CachedUserStore:
             version = local.version = self.store.version()
         return version
 
-    def _lookup(self, key: Hashable, fetch: Callable[[], T]) -> T:
+    def _lookup(self, kind: str, fetch: Callable[..., T], *args: str) -> T:
+        key = (kind, *args)
         version = self._currentVersion()
         with self._lock:
             if version != self._version:
@@ -112,9 +117,17 @@ class CachedUserStore:
                     return value  # type: ignore[no-any-return]
             epoch = self._epoch
             self.misses += 1
-        value = fetch()
+        value = fetch(*args)
+        after = self.store.version()
+        if after != version:
+            # The database changed while we read: the answer is newer than
+            # ``version`` (not kept, it is not that version's), and this
+            # thread's block moves on with it, so its answers never go back.
+            if getattr(self._local, "pinned", False):
+                self._local.version = after
+            return value
         with self._lock:
-            if epoch == self._epoch:  # nothing was dropped while we read
+            if epoch == self._epoch:  # no write through us, no other version meanwhile
                 self._entries[key] = value
                 if len(self._entries) > self.size:
                     self._entries.popitem(last=False)
@@ -140,19 +153,19 @@ class CachedUserStore:
         return self.store.version()
 
     def canonicalDomain(self, name: str) -> str | None:
-        return self._lookup(("canonical", name), lambda: self.store.canonicalDomain(name))
+        return self._lookup("canonical", self.store.canonicalDomain, name)
 
     def domain(self, name: str) -> Domain | None:
-        return self._lookup(("domain", name), lambda: self.store.domain(name))
+        return self._lookup("domain", self.store.domain, name)
 
     def user(self, name: str, domain: str) -> User | None:
-        return self._lookup(("user", name, domain), lambda: self.store.user(name, domain))
+        return self._lookup("user", self.store.user, name, domain)
 
     def alias(self, name: str, domain: str) -> Alias | None:
-        return self._lookup(("alias", name, domain), lambda: self.store.alias(name, domain))
+        return self._lookup("alias", self.store.alias, name, domain)
 
     def vacation(self, name: str, domain: str) -> Vacation | None:
-        return self._lookup(("vacation", name, domain), lambda: self.store.vacation(name, domain))
+        return self._lookup("vacation", self.store.vacation, name, domain)
 
     # -- listings: not cached -------------------------------------------------
 

@@ -192,8 +192,9 @@ class QueryCountTests(_Fixture):
             self.assertIsNone(self.cache.user("nobody", "example.com"))
             self.assertIsNone(self.cache.canonicalDomain("nowhere.test"))
             self.assertIsNone(self.cache.canonicalDomain("nowhere.test"))
-        self.assertEqual(len(statements), 4)  # version, user; version, version
-        self.assertEqual(statements.count(VERSION_QUERY), 3)
+        # version (a hit); version, canonicalDomain, version again; version (a hit)
+        self.assertEqual(len(statements), 5)
+        self.assertEqual(statements.count(VERSION_QUERY), 4)
 
     def test_negativeAnswersAreInvalidated(self) -> None:
         self.assertIsNone(self.cache.canonicalDomain("new.test"))
@@ -207,7 +208,7 @@ class QueryCountTests(_Fixture):
         self.other.setFlags("alice", "example.com", 0)
         with self.queries() as statements:
             self.cache.user("nobody", "example.com")
-        self.assertEqual(len(statements), 2)
+        self.assertEqual(len(statements), 3)  # version, user, version
         self.assertEqual(len(self.cache), 1)
 
 
@@ -267,6 +268,42 @@ class WriteThroughTests(_Fixture):
         self.assertEqual(len(cache), 0)
         self.assertEqual(cache.user("alice", "example.com").quota, QuotaLimit(7))  # type: ignore[union-attr]
 
+    def test_answerReadAcrossAnUnversionedWriteIsNotKept(self) -> None:
+        """The same with a write that leaves the generation alone (vacation
+        replies): the answer is not kept either."""
+        cache = self.cache
+        original = self.store.user
+
+        def slowUser(name: str, domain: str) -> User | None:
+            found = original(name, domain)
+            cache.noteVacationReply("alice", "example.com", "x@y.test", 1.0, 1)
+            return found
+
+        self.store.user = slowUser  # type: ignore[method-assign]
+        version = self.store.version()
+        self.assertIsNotNone(cache.user("alice", "example.com"))
+        self.store.user = original  # type: ignore[method-assign]
+        self.assertEqual(self.store.version(), version)
+        self.assertEqual(len(cache), 0)
+
+    def test_blockThatSeesANewerVersionKeepsIt(self) -> None:
+        """A miss that finds the database changed under it returns the newer
+        answer and moves its block on: the block's later answers do not go back."""
+        self.cache.user("alice", "example.com")
+        original = self.store.vacation
+
+        def changing(name: str, domain: str) -> Vacation | None:
+            self.other.setQuota("alice", "example.com", QuotaLimit(9))
+            return original(name, domain)
+
+        self.store.vacation = changing  # type: ignore[method-assign]
+        with pinned(self.cache):
+            self.assertIsNone(self.cache.vacation("alice", "example.com"))
+            self.store.vacation = original  # type: ignore[method-assign]
+            user = self.cache.user("alice", "example.com")
+        assert user is not None
+        self.assertEqual(user.quota, QuotaLimit(9))
+
 
 class BoundTests(_Fixture):
     def test_leastRecentlyUsedGoes(self) -> None:
@@ -283,7 +320,7 @@ class BoundTests(_Fixture):
         self.assertEqual(statements, [VERSION_QUERY] * 3)
         with self.queries() as statements:
             cache.user("b", "example.com")
-        self.assertEqual(len(statements), 2)
+        self.assertEqual(len(statements), 3)
         self.assertEqual(len(cache), 3)
 
     def test_manyLookupsStayBounded(self) -> None:

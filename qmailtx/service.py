@@ -55,6 +55,7 @@ from qmailtx.registry import PolicyContext, Registry, RegistryError, makeRegistr
 from qmailtx.smtp.factory import SMTPServerFactory, SMTPSettings
 from qmailtx.smtp.throttle import AuthThrottle
 from qmailtx.smtp.tls import ServerTLS, TLSService
+from qmailtx.vdomain.cache import CachedUserStore
 from qmailtx.vdomain.checkers import makePortal
 from qmailtx.vdomain.hosted import HostedDomains
 from qmailtx.vdomain.realm import MailRealm
@@ -189,6 +190,9 @@ def makeMailService(
     runner = pool.run
 
     users = SQLiteUserStore(config.users.database)
+    # Delivery and rcptcheck read through a cache valid for one generation of
+    # the database; logins (checkers, realm, POP3) and HostedDomains ask it directly.
+    cachedUsers = CachedUserStore(users)
     hosted = HostedDomains(users, runner, reactor)
     hosted.setName("domains")
     hosted.setServiceParent(top)
@@ -220,7 +224,7 @@ def makeMailService(
             verh=config.delivery.verh,
             programUser=programUser,
         ),
-        users,
+        cachedUsers,
         store,
         reactor,
         tmpSweeper=tmpSweeper,
@@ -253,7 +257,7 @@ def makeMailService(
         "dns_timeout": (1, max(config.dns.timeout - 1, 1)),
     }
     registry = registry or makeRegistry(
-        config, PolicyContext(config, reactor, runner, users, hosted, extra)
+        config, PolicyContext(config, reactor, runner, cachedUsers, hosted, extra)
     )
     tls = _makeTLS(config, runner)
     if tls is not None:

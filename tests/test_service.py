@@ -243,3 +243,19 @@ class OrderedStopTests(TestCase):
         slow.callback(None)
         self.assertEqual(stops, ["smtp", "queue", "workers"])
         self.assertEqual(done, [None])
+
+
+class UserDatabaseWiringTests(TestCase):
+    def test_deliveryReadsThroughTheCacheAndLoginsDoNot(self) -> None:
+        """Local delivery (and rcptcheck) get a CachedUserStore; the hosted-domain
+        list, and with it everything else, keeps the SQLite store itself."""
+        from qmailtx.vdomain.cache import CachedUserStore
+        from qmailtx.vdomain.sqlite import SQLiteUserStore
+
+        mail = makeMailService(reactor, makeTestConfig(self.mktemp(), LISTEN))
+        queue: Any = mail.getServiceNamed("queue")
+        hosted: Any = mail.getServiceNamed("domains")
+        local = queue.agents["local"]
+        self.assertIsInstance(local.store, CachedUserStore)
+        self.assertIsInstance(hosted.store, SQLiteUserStore)
+        self.assertIs(local.store.store, hosted.store)

@@ -68,6 +68,7 @@ from qmailtx.queue.disk import newMessageId
 from qmailtx.queue.filter import QueueRefused
 from qmailtx.queue.layout import QueuedMessage
 from qmailtx.queue.store import QueueStore, Runner
+from qmailtx.vdomain.cache import fresh, pinned
 from qmailtx.vdomain.interfaces import DatabaseUnavailable, IUserStore
 from qmailtx.vdomain.records import QuotaLimit, User
 from qmailtx.vdomain.userlock import holdFolder
@@ -210,7 +211,15 @@ class LocalDeliveryAgent:
                 pass  # the queue manager tries again in its own time
 
     def _step(self, message: QueuedMessage, p: _Progress) -> None:
-        """Run the plan's lines until a program needs the reactor or the plan ends."""
+        """Run the plan's lines until a program needs the reactor or the plan ends.
+
+        A cached user database is asked its version once for the whole step:
+        its answers are as of the step's first lookup or later (a change made
+        during the step counts from the next message)."""
+        with pinned(self.store):
+            self._pinnedStep(message, p)
+
+    def _pinnedStep(self, message: QueuedMessage, p: _Progress) -> None:
         try:
             source = self.fs.openRead(message.path)
         except OSError as e:
@@ -246,11 +255,10 @@ class LocalDeliveryAgent:
             self.fs.close(source)
 
     def _gone(self, owner: User | None) -> bool:
-        return (
-            owner is not None
-            and self.store is not None
-            and self.store.user(owner.name, owner.domain) is None
-        )
+        if owner is None or self.store is None:
+            return False
+        with fresh(self.store):  # now, not as of the start of the step
+            return self.store.user(owner.name, owner.domain) is None
 
     def _plan(self, message: QueuedMessage, p: _Progress, source: int) -> bool:
         plan = resolveRecipient(

@@ -35,6 +35,7 @@ from qmailtx.domains import DomainTable
 from qmailtx.policy.interfaces import IRecipientCheck, ISMTPSession
 from qmailtx.policy.verdict import CONTINUE, Verdict, reject, tempfail
 from qmailtx.queue.store import Runner
+from qmailtx.vdomain.cache import pinned
 from qmailtx.vdomain.hosted import HostedDomains
 from qmailtx.vdomain.interfaces import DatabaseUnavailable, IUserStore
 
@@ -76,6 +77,13 @@ def lookupRecipient(
 ) -> tuple[Status, str]:
     """Blocking (worker thread): what delivery would make of ``recipient``,
     with a note for the log (a quota that could not be read)."""
+    with pinned(store):  # a cached store: one version check for the whole lookup
+        return _lookupRecipient(store, settings, recipient)
+
+
+def _lookupRecipient(
+    store: IUserStore, settings: RecipientSettings, recipient: Address
+) -> tuple[Status, str]:
     if store.canonicalDomain(recipient.domain) is None:
         return Status.NOT_OURS, ""
     plan = resolveRecipient(store, settings.data, settings.domains, recipient, settings.delimiters)

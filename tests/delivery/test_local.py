@@ -33,6 +33,7 @@ from qmailtx.queue.layout import TODO, QueuedMessage
 from qmailtx.queue.manager import QueueManager, QueueSettings
 from qmailtx.queue.store import QueueStore, Runner, synchronousRunner
 from qmailtx.testing import ManualRunner, RecordingFileSystem
+from qmailtx.vdomain.cache import CachedUserStore
 from qmailtx.vdomain.layout import userFolder
 from qmailtx.vdomain.records import (
     Alias,
@@ -84,7 +85,7 @@ class _Fixture:
         return LocalDeliveryAgent(
             runner,
             self.settings,
-            self.store,
+            CachedUserStore(self.store),  # as the server has it; tests change self.store
             self.queue,
             kw.pop("reactor", None),
             MaildirWriter(fs) if fs else None,
@@ -378,6 +379,78 @@ class ResolutionTests(_Fixture, SynchronousTestCase):
             self.agent().deliver(message, [Address("alice", "example.com")])
         )
         self.assertEqual((result.outcome, result.text), (Outcome.PERMANENT, NO_MAILBOX))
+
+
+class CachedStoreTests(_Fixture, SynchronousTestCase):
+    """One agent, one CachedUserStore, several deliveries; changes come from
+    another store object on the same file, as qmailctl's would."""
+
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp)
+        self.other = SQLiteUserStore(self.store.path)
+        self.addCleanup(self.other.close)
+        self.addCleanup(self.store.close)
+        self.one = self.agent()
+
+    def deliver(self, recipient: str) -> DeliveryResult:
+        message = self.queued(recipient)
+        d = self.one.deliver(message, [Address.fromStored(recipient)])
+        [result] = self.successResultOf(d)
+        return result
+
+    def test_secondDeliveryAsksOnlyTheVersion(self) -> None:
+        for recipient in ("alice@example.com", "alice@example.net", "nobody@example.com"):
+            self.deliver(recipient)
+            statements: list[str] = []
+            connection = self.store._connect()  # the worker is this thread
+            connection.set_trace_callback(statements.append)
+            try:
+                self.deliver(recipient)
+            finally:
+                connection.set_trace_callback(None)
+            self.assertEqual(
+                statements, ["SELECT value FROM meta WHERE key = 'generation'"], recipient
+            )
+        self.assertEqual(len(self.delivered("alice")), 4)
+
+    def test_userAddedBetweenDeliveries(self) -> None:
+        result = self.deliver("dave@example.com")
+        self.assertEqual((result.outcome, result.text), (Outcome.PERMANENT, NO_MAILBOX))
+        self.other.addUser(User("dave", "example.com"))
+        self.assertEqual(self.deliver("dave@example.com").outcome, Outcome.DELIVERED)
+        self.assertEqual(len(self.delivered("dave")), 1)
+
+    def test_userDeletedBetweenDeliveries(self) -> None:
+        self.assertEqual(self.deliver("alice@example.com").outcome, Outcome.DELIVERED)
+        self.other.deleteUser("alice", "example.com")
+        result = self.deliver("alice@example.com")
+        self.assertEqual((result.outcome, result.text), (Outcome.PERMANENT, NO_MAILBOX))
+
+    def test_aliasAddedBetweenDeliveries(self) -> None:
+        self.assertEqual(self.deliver("info@example.com").outcome, Outcome.PERMANENT)
+        self.other.addAlias(Alias("info", "example.com", ("./alice/Maildir/",)))
+        self.assertEqual(self.deliver("info@example.com").outcome, Outcome.DELIVERED)
+        self.assertEqual(len(self.delivered("alice")), 1)
+
+    def test_quotaSetBetweenDeliveries(self) -> None:
+        self.assertEqual(self.deliver("alice@example.com").outcome, Outcome.DELIVERED)
+        self.other.setQuota("alice", "example.com", QuotaLimit(10))
+        result = self.deliver("alice@example.com")
+        self.assertNotEqual(result.outcome, Outcome.DELIVERED)
+        self.assertEqual(len(self.delivered("alice")), 1)
+
+    def test_vacationSetBetweenDeliveries(self) -> None:
+        self.assertEqual(self.deliver("alice@example.com").outcome, Outcome.DELIVERED)
+        self.assertEqual(self.injected, [])
+        self.other.setVacation("alice", "example.com", Vacation("away", "back soon", 3600))
+        self.assertEqual(self.deliver("alice@example.com").outcome, Outcome.DELIVERED)
+        [(sender, recipients, _)] = self.injectedMessages()
+        self.assertEqual((sender, recipients), ("", ["bob@remote.test"]))
+
+    def test_aliasDomainAddedBetweenDeliveries(self) -> None:
+        self.assertEqual(self.deliver("alice@example.org").outcome, Outcome.PERMANENT)
+        self.other.addAliasDomain("example.org", "example.com")
+        self.assertEqual(self.deliver("alice@example.org").outcome, Outcome.DELIVERED)
 
 
 class QuotaTests(_Fixture, SynchronousTestCase):

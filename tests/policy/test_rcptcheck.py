@@ -32,6 +32,7 @@ from qmailtx.queue.store import synchronousRunner
 from qmailtx.registry import PolicyContext, RegistryError, makeRegistry
 from qmailtx.smtp.session import SMTPSession
 from qmailtx.testing import SMTPServerHarness, makeTestConfig
+from qmailtx.vdomain.cache import CachedUserStore
 from qmailtx.vdomain.hosted import HostedDomains
 from qmailtx.vdomain.interfaces import DatabaseUnavailable
 from qmailtx.vdomain.layout import domainFolder, userFolder
@@ -59,6 +60,8 @@ class _Fixture(SynchronousTestCase):
         os.makedirs(self.data)
         self.store = SQLiteUserStore(os.path.join(self.data, "users.sqlite3"))
         self.addCleanup(self.store.close)
+        # What the code under test reads, as the server has it; tests change self.store.
+        self.users = CachedUserStore(self.store)
         self.store.addDomain(Domain("example.com", aliases=("example.net",)))
         self.store.addDomain(Domain("deleted.test", CatchAll(CatchAllAction.DELETE)))
         for user in (
@@ -89,7 +92,7 @@ class _Fixture(SynchronousTestCase):
     def check(self, **settings: Any) -> RecipientCheck:
         options = dict(data=self.data, domains=self.domains, delimiters="-+")
         options.update(settings)
-        return RecipientCheck(self.store, synchronousRunner, RecipientSettings(**options))
+        return RecipientCheck(self.users, synchronousRunner, RecipientSettings(**options))
 
     def verdict(
         self, check: RecipientCheck, rcpt: str, session: SMTPSession | None = None
@@ -108,7 +111,7 @@ class _Fixture(SynchronousTestCase):
 
 class LookupTests(_Fixture):
     def status(self, rcpt: str) -> Status:
-        return lookupRecipient(self.store, self.settings, parseMailbox(rcpt))[0]
+        return lookupRecipient(self.users, self.settings, parseMailbox(rcpt))[0]
 
     def test_everyKindOfAddressExists(self) -> None:
         for rcpt in (
@@ -142,16 +145,42 @@ class LookupTests(_Fixture):
         os.unlink(os.path.join(self.maildir("bob"), "maildirsize"))  # recounted: 1000 bytes
         self.assertIs(self.status("bob@example.com"), Status.FULL)
 
+    def test_secondLookupAsksOnlyTheVersion(self) -> None:
+        for rcpt in ("alice@example.com", "alice+ext@example.net", "nobody@example.com"):
+            self.status(rcpt)
+            statements: list[str] = []
+            connection = self.store._connect()  # the runner is synchronous: this thread
+            connection.set_trace_callback(statements.append)
+            try:
+                self.status(rcpt)
+            finally:
+                connection.set_trace_callback(None)
+            self.assertEqual(statements, ["SELECT value FROM meta WHERE key = 'generation'"], rcpt)
+
+    def test_changesByAnotherStoreAreSeenAtOnce(self) -> None:
+        other = SQLiteUserStore(self.store.path)
+        self.addCleanup(other.close)
+        self.assertIs(self.status("dave@example.com"), Status.UNKNOWN)
+        other.addUser(User("dave", "example.com"))
+        self.assertIs(self.status("dave@example.com"), Status.EXISTS)
+        other.setFlags("dave", "example.com", UserFlags.BOUNCE_MAIL)
+        self.assertIs(self.status("dave@example.com"), Status.LOCKED)
+        other.deleteUser("dave", "example.com")
+        self.assertIs(self.status("dave@example.com"), Status.UNKNOWN)
+        self.assertIs(self.status("alice@example.org"), Status.NOT_OURS)
+        other.addAliasDomain("example.org", "example.com")
+        self.assertIs(self.status("alice@example.org"), Status.EXISTS)
+
     def test_mailboxWithoutMaildirIsNotRefused(self) -> None:
         self.store.addUser(User("dave", "example.com", quota=QuotaLimit(10)))
         dave = Address("dave", "example.com")
-        self.assertEqual(lookupRecipient(self.store, self.settings, dave), (Status.EXISTS, ""))
+        self.assertEqual(lookupRecipient(self.users, self.settings, dave), (Status.EXISTS, ""))
 
     def test_unreadableQuotaIsLeftToDelivery(self) -> None:
         self.store.addUser(User("dave", "example.com", quota=QuotaLimit(10)))
         os.makedirs(self.maildir("dave"))
         open(os.path.join(self.maildir("dave"), "tmp"), "w").close()  # not a folder
-        status, note = lookupRecipient(self.store, self.settings, Address("dave", "example.com"))
+        status, note = lookupRecipient(self.users, self.settings, Address("dave", "example.com"))
         self.assertIs(status, Status.EXISTS)
         self.assertEqual(note, "quota not checked: Not a directory")
 
@@ -209,7 +238,7 @@ class RecipientCheckTests(_Fixture):
         hosted.startService()
         self.addCleanup(hosted.stopService)
         calls.clear()
-        check = RecipientCheck(self.store, runner, self.settings, hosted)
+        check = RecipientCheck(self.users, runner, self.settings, hosted)
         session = SMTPSession("192.0.2.5", 4000)
         self.assertIs(check.checkRecipient(session, Address("x", "elsewhere.example")), CONTINUE)
         self.assertEqual(calls, [])
@@ -226,7 +255,7 @@ class RecipientCheckTests(_Fixture):
             pending.append((f, args, d))
             return d
 
-        check = RecipientCheck(self.store, runner, self.settings)
+        check = RecipientCheck(self.users, runner, self.settings)
         result = check.checkRecipient(SMTPSession("192.0.2.5", 4000), Address("x", "example.com"))
         assert isinstance(result, Deferred)
         self.assertNoResult(result)
@@ -240,7 +269,7 @@ class RecipientCheckTests(_Fixture):
         def runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
             return Deferred.fromCoroutine(_raise(DatabaseUnavailable("db down")))
 
-        check = RecipientCheck(self.store, runner, self.settings)
+        check = RecipientCheck(self.users, runner, self.settings)
         with capturedLogs() as events:
             verdict = self.verdict(check, "alice@example.com")
         assert verdict.reply is not None
@@ -255,7 +284,7 @@ class RecipientCheckTests(_Fixture):
         def runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
             return Deferred.fromCoroutine(_raise(ZeroDivisionError()))
 
-        check = RecipientCheck(self.store, runner, self.settings)
+        check = RecipientCheck(self.users, runner, self.settings)
         verdict = self.verdict(check, "alice@example.com")
         assert verdict.reply is not None
         self.assertEqual(verdict.reply.code, 451)
@@ -316,7 +345,7 @@ class RegisterTests(_Fixture):
             '[control]\nlocals = ["here.test"]\n',
         )
         context = PolicyContext(
-            config, runner=synchronousRunner, users=self.store, extra={"max_bad_recipients": 3}
+            config, runner=synchronousRunner, users=self.users, extra={"max_bad_recipients": 3}
         )
         check = makeRegistry(config, context, ["rcptcheck"]).getUtility(
             IRecipientCheck, name="rcptcheck"

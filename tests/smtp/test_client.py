@@ -14,7 +14,7 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
@@ -22,8 +22,15 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from qmailtx.address import Address
+from qmailtx.delivery.interfaces import Outcome
+from qmailtx.delivery.mx import Destination
+from qmailtx.delivery.remote import RemoteDeliveryAgent, RemoteSettings
+from qmailtx.queue.layout import TODO, QueuedMessage
+from qmailtx.smtp import client
 from qmailtx.smtp.client import ClientOptions, TransactionResult, sendMessage, wireMessage
 from qmailtx.smtp.replies import Reply, ReplyError, ReplyParser
+from qmailtx.smtp.source import BytesSource
 from qmailtx.testing import makeTestCertificate
 
 reactor: Any = _reactor
@@ -520,6 +527,130 @@ class HostileReplyTests(ClientTestCase):
     async def test_unsolicitedReplies(self) -> None:
         result = await self.hostile(b"220 hi\r\n" + b"250 extra\r\n" * 1000)
         self.assertIn("nobody asked for", result.failure or "")
+
+
+class RecordingParser(ReplyParser):
+    """The client's own parser, noting how much it ever held: ``peak`` is the
+    buffer right after bytes were added (at most one read past the line
+    limit), ``kept`` what stayed buffered between reads, ``lines`` the
+    longest unfinished reply."""
+
+    made: list[RecordingParser] = []
+
+    def __init__(self, maxLineLength: int, maxLines: int) -> None:
+        super().__init__(maxLineLength, maxLines)
+        self.peak = self.kept = self.lines = 0
+        RecordingParser.made.append(self)
+
+    def add(self, data: bytes) -> None:
+        super().add(data)
+        self.peak = max(self.peak, len(self._buffer))
+
+    def next(self) -> Reply | None:
+        try:
+            reply = super().next()
+        finally:
+            self.lines = max(self.lines, len(self._lines))
+        if reply is None:
+            self.kept = max(self.kept, len(self._buffer))
+        return reply
+
+
+HOSTILE_REPLIES = {
+    "a 1 MB line": (b"250 " + b"x" * 1_000_000 + b"\r\n", "remote reply line too long"),
+    "10,000 lines": (b"250-x\r\n" * 10_000 + b"250 end\r\n", "remote reply has too many lines"),
+    "a code change": (b"250-fine\r\n550 smuggled\r\n", "remote reply code changed"),
+    "garbage": (b"\x00\xffhello there\r\n", "remote reply syntax error"),
+}
+
+
+class HostileStageReplyTests(ClientTestCase):
+    """R1 beyond the greeting: each hostile reply as the answer to EHLO, to
+    MAIL, to RCPT and to the final dot, through the remote delivery agent
+    with the real client: a temporary failure, the client's buffers within
+    their limits, the connection closed, and nothing counted as delivered."""
+
+    async def attempt(self, stage: str, hostile: bytes) -> tuple[Any, TransactionResult, Any]:
+        class Hostile(FakeMX):
+            def handle(self, line: str) -> bool:
+                if line.split(" ", 1)[0].upper() == stage:
+                    self.write(hostile)
+                    return False
+                return super().handle(line)
+
+            def endOfData(self, message: bytes) -> bytes:
+                return hostile if stage == "." else super().endOfData(message)
+
+        server = await self.serve(Hostile)
+        RecordingParser.made = []
+        self.patch(client, "ReplyParser", RecordingParser)
+        seen: list[TransactionResult] = []
+
+        async def recordingSend(*args: Any, **kwargs: Any) -> TransactionResult:
+            result = await sendMessage(*args, **kwargs)
+            seen.append(result)
+            return result
+
+        destination = Destination("mx.test", "127.0.0.1", self.port, 10)
+        agent = RemoteDeliveryAgent(
+            reactor,
+            lambda m: succeed(BytesSource(b"Subject: hi\n\nhello\n")),
+            lambda f, *a: succeed(f(*a)),
+            lambda domain, route=None: succeed([destination]),
+            RemoteSettings(heloName="client.test", tls="none", replyTimeout=5),
+            send=lambda *a, **k: Deferred.fromCoroutine(recordingSend(*a, **k)),
+        )
+        queued = QueuedMessage(
+            msgid="m1",
+            path="/nonexistent",
+            birth=0.0,
+            sender=Address.fromStored("sender@client.test"),
+            recipients=[Address.fromStored("rcpt@mx.test")],
+            states=[TODO],
+            stateOffsets=[0],
+            messageOffset=0,
+            messageLength=10,
+        )
+        [outcome] = await agent.deliver(queued, queued.recipients)
+        for connection in server.connections:
+            if connection not in server.lost:
+                lost: Deferred[None] = Deferred()
+                server.waiters.append(lost)
+                await lost
+        [result] = seen
+        [parser] = RecordingParser.made
+        self.assertLessEqual(parser.kept, parser.maxLineLength)
+        self.assertLessEqual(parser.peak, parser.maxLineLength + 65536)  # one read at most
+        self.assertLessEqual(parser.lines, parser.maxLines)
+        self.assertEqual(len(server.connections), 1)
+        self.assertEqual(server.lost, server.connections)
+        return outcome, result, server
+
+    async def check(self, stage: str) -> None:
+        for name, (hostile, why) in HOSTILE_REPLIES.items():
+            outcome, result, server = await self.attempt(stage, hostile)
+            self.assertEqual(outcome.outcome, Outcome.TEMPORARY, f"{name} to {stage}")
+            self.assertFalse(result.permanent, name)
+            self.assertIn(why, result.failure or "", name)
+            self.assertIn(why, outcome.text, name)
+            if stage == ".":
+                self.assertTrue(result.messageSent, name)
+                self.assertEqual(len(server.messages), 1, name)  # it did arrive, yet
+                self.assertIsNone(result.data, name)  # no reply said it was taken
+            else:
+                self.assertEqual(server.messages, [], name)
+
+    async def test_hostileReplyToEHLO(self) -> None:
+        await self.check("EHLO")
+
+    async def test_hostileReplyToMAIL(self) -> None:
+        await self.check("MAIL")
+
+    async def test_hostileReplyToRCPT(self) -> None:
+        await self.check("RCPT")
+
+    async def test_hostileReplyToTheFinalDot(self) -> None:
+        await self.check(".")
 
 
 class TLSTests(ClientTestCase):

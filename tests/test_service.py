@@ -194,6 +194,100 @@ class EmbeddedServiceTests(TestCase):
         self.assertEqual([f for _, _, files in os.walk(mess) for f in files], [])
 
 
+OURS = 'me = "ours.test"\nlocals = ["ours.test", "localhost"]\n'
+REFUSAL = (553, b"5.7.1 sorry, that domain isn't in my list of allowed rcpthosts")
+
+
+def rcptFrom(source: str, port: int, sender: str, recipient: str) -> tuple[int, bytes]:
+    """One RCPT over smtplib from ``source`` (a loopback address), raw."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0)) as client:
+        client.ehlo("client.example")
+        code, text = client.docmd(f"MAIL FROM:<{sender}>")
+        assert code == 250, (code, text)
+        return client.docmd(f"RCPT TO:<{recipient}>")
+
+
+def sendFrom(source: str, port: int, sender: str, recipient: str) -> tuple[int, bytes]:
+    """A whole message to one raw recipient over smtplib; the reply to the dot."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0)) as client:
+        client.ehlo("client.example")
+        client.docmd(f"MAIL FROM:<{sender}>")
+        code, text = client.docmd(f"RCPT TO:<{recipient}>")
+        assert code == 250, (recipient, code, text)
+        return client.data(b"Subject: tricky\r\n\r\nx\r\n")
+
+
+class OpenRelayTests(TestCase):
+    """S6 end to end: a client outside relay_clients (127.0.0.2) over smtplib.
+    ours.test and localhost are ours; mx.test and other.example are not."""
+
+    async def startServer(self) -> tuple[RunningServer, int, list[Any]]:
+        toml = LISTEN + 'relay_clients = ["127.0.0.1/32"]\n[control]\n' + OURS
+        server = RunningServer(makeTestConfig(self.mktemp(), toml))
+        self.assertNotIn("127.0.0.2", [str(n) for n in server.config.smtp.relay_clients])
+        port = await server.start()
+        self.addCleanup(server.stop)
+        remote: Any = cast(Any, server.mail.getServiceNamed("queue")).agents["remote"]
+        handed: list[Any] = []
+        passOn = remote.deliver
+
+        def recordingDeliver(message: Any, recipients: Any, *args: Any) -> Any:
+            handed.extend(str(r) for r in recipients)
+            return passOn(message, recipients, *args)
+
+        self.patch(remote, "deliver", recordingDeliver)
+        return server, port, handed
+
+    async def test_disguisedForeignRecipientsAreRefused(self) -> None:
+        server, port, handed = await self.startServer()
+        for rcpt in [
+            "user@other.example",
+            "@ours.test:user@other.example",
+            "@mx.test:user@other.example",
+            "user@other.example.",
+            "user@[192.0.2.1]",
+            '"user@other.example"@mx.test',
+            "user%ours.test@other.example",
+            "ours.test!user@other.example",
+            "user@ours.test.other.example",
+        ]:
+            for sender in ["postmaster@ours.test", "postmaster@localhost"]:
+                reply = await deferToThread(rcptFrom, "127.0.0.2", port, sender, rcpt)
+                self.assertEqual(reply, REFUSAL, (rcpt, sender))
+        # the refusal is the client's doing: a relay client may send there
+        allowed = await deferToThread(
+            rcptFrom, "127.0.0.1", port, "postmaster@ours.test", "user@other.example"
+        )
+        self.assertEqual(allowed[0], 250)
+        mess = os.path.join(server.config.paths.data, "queue", "mess")
+        self.assertEqual([f for _, _, files in os.walk(mess) for f in files], [])
+        self.assertEqual(handed, [])
+
+    async def test_trickyLocalFormsStayLocal(self) -> None:
+        """%-hack, ! paths and a quoted @ at a domain of ours are local parts of
+        ours: accepted, handed to local delivery (no such user: a bounce), and
+        never to the remote channel."""
+        server, port, handed = await self.startServer()
+        tricky = [
+            "user%other.example@ours.test",
+            "other.example!user@ours.test",
+            '"user@other.example"@ours.test',
+        ]
+        for rcpt in tricky:
+            code, text = await deferToThread(
+                sendFrom, "127.0.0.2", port, "postmaster@localhost", rcpt
+            )
+            self.assertEqual(code, 250, (rcpt, text))
+        bounces = await server.waitForMail("postmaster", count=len(tricky))
+        said = b"".join(bounces)
+        for rcpt in tricky:  # (the queue keeps addresses unquoted, as qmail does)
+            stored = rcpt.replace('"', "")
+            self.assertIn(
+                f"<{stored}>:\nSorry, no mailbox here by that name. (#5.1.1)".encode(), said
+            )
+        self.assertEqual(handed, [])
+
+
 class TwistdPluginTests(TestCase):
     def test_pluginIsFound(self) -> None:
         from twisted.application.service import IServiceMaker

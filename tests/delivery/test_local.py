@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from qmailtx.address import Address
+from qmailtx.address import Address, parseMailbox
 from qmailtx.control import buildControl
 from qmailtx.delivery.identity import resolveProgramUser
 from qmailtx.delivery.interfaces import DeliveryResult, IDeliveryAgent, Outcome
@@ -877,6 +877,42 @@ class ProgramAndAutoReplyTests(_Fixture, TestCase):
                 os.path.join(userFolder(self.data, "alice", "example.com").path, "pwned")
             )
         )
+
+    async def test_shellMetacharactersInTheRecipientStayData(self) -> None:
+        """S5: an extension full of shell syntax, sent as a (quoted) SMTP
+        recipient, reaches a .qmail-default program only as the values of
+        $EXT, $LOCAL, $RECIPIENT and $DEFAULT: no command in it runs."""
+        home = userFolder(self.data, "alice", "example.com").path
+        self.writeFile(
+            os.path.join(home, ".qmail-default"),
+            '|for v in "$EXT" "$LOCAL" "$RECIPIENT" "$DEFAULT"; do echo "[$v]"; done >> out\n',
+        )
+        extensions = [
+            "$(touch pwned1)",
+            "`touch pwned2`",
+            "x;touch pwned3",
+            "x|touch pwned4",
+            "x&&touch pwned5",
+            "x'$(touch pwned6)'",
+            'x"$(touch pwned7)"',
+            "x$(touch${IFS}pwned8)",
+            "x>pwned9",
+            "x<&0;touch pwned10 #",
+        ]
+        expected = b""
+        for ext in extensions:
+            smtp = '"alice-' + ext.replace("\\", "\\\\").replace('"', '\\"') + '"@example.com'
+            recipient = parseMailbox(smtp)
+            self.assertEqual(recipient, Address(f"alice-{ext}", "example.com"))
+            agent = self.agent(reactor=reactor)
+            [result] = await agent.deliver(self.queued(str(recipient)), [recipient])
+            self.assertEqual(result.outcome, Outcome.DELIVERED, (ext, result.text))
+            ext = ext.lower()  # local deliveries see the address lower-cased, as in qmail
+            local = f"alice-{ext}"
+            expected += f"[{ext}]\n[{local}]\n[{local}@example.com]\n[{ext}]\n".encode()
+        with open(os.path.join(home, "out"), "rb") as f:
+            self.assertEqual(f.read(), expected)
+        self.assertEqual([n for n in os.listdir(home) if n.startswith("pwned")], [])
 
     async def test_programRunsAsProgramUserWhenRoot(self) -> None:
         spawned = _RecordingReactor(reactor)

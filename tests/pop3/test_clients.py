@@ -9,6 +9,7 @@ import shutil
 import smtplib
 import socket
 import ssl
+import warnings
 from typing import Any, cast
 
 from twisted.application.service import MultiService
@@ -17,6 +18,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from qmailtx import makeMailService
@@ -304,6 +306,103 @@ class PoplibTests(TestCase):
         [name] = server.files("new")
         with open(os.path.join(server.maildir, "new", name), "rb") as delivered:
             self.assertIn(b"after the clean-up", delivered.read())
+
+
+def oldTLSContext() -> ssl.SSLContext:
+    """A client offering TLS 1.0 and 1.1 only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def oldHandshake(sock: socket.socket) -> str:
+    try:
+        oldTLSContext().wrap_socket(sock).close()
+    except ssl.SSLError as e:
+        return str(e)
+    finally:
+        sock.close()
+    return "handshake succeeded"
+
+
+class TLSRobustnessTests(TestCase):
+    """S18 for POP3: the POP3S and STLS listeners share SMTP's ServerTLS."""
+
+    async def test_tlsBelow12RefusedOnPOP3S(self) -> None:
+        server = await Server(self).start(self)
+
+        def attempt() -> str:
+            return oldHandshake(socket.create_connection(("127.0.0.1", server.pop3s), timeout=10))
+
+        error = await deferToThread(attempt)
+        # An alert from the server: the client did offer TLS 1.0/1.1.
+        self.assertIn("PROTOCOL_VERSION", error)
+
+    async def test_tlsBelow12RefusedOnSTLS(self) -> None:
+        server = await Server(self).start(self)
+
+        def attempt() -> tuple[bytes, str]:
+            sock = socket.create_connection(("127.0.0.1", server.pop3), timeout=10)
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"STLS\r\n")
+            answer = f.readline()
+            f.close()
+            return answer, oldHandshake(sock)
+
+        answer, error = await deferToThread(attempt)
+        self.assertEqual(answer, b"+OK begin TLS negotiation\r\n")
+        self.assertIn("PROTOCOL_VERSION", error)
+
+    async def test_garbageHandshakeHurtsOnlyItsConnection(self) -> None:
+        server = await Server(self).start(self)
+        bad: list[Any] = []
+
+        def noteErrors(event: Any) -> None:
+            if event.get("log_failure") is not None or event.get("log_level") in (
+                LogLevel.error,
+                LogLevel.critical,
+            ):
+                bad.append(event)
+
+        observer = cast(ILogObserver, noteErrors)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+        def garbage() -> bytes:
+            sock = socket.create_connection(("127.0.0.1", server.pop3s), timeout=10)
+            sock.sendall(os.urandom(4096) + b"\r\nUSER x\r\nQUIT\r\n")
+            received = b""
+            try:
+                while chunk := sock.recv(4096):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            sock.close()
+            return received
+
+        for _ in range(3):
+            self.assertNotIn(b"+OK", await deferToThread(garbage))
+
+        def goodClient() -> tuple[int, bytes]:
+            client = poplib.POP3_SSL("127.0.0.1", server.pop3s, context=server.context())
+            client.user(ALICE)
+            client.pass_(PASSWORD)
+            count = client.stat()[0]
+            bye = client.quit()
+            return count, bye
+
+        count, bye = await deferToThread(goodClient)
+        self.assertEqual(count, 3)
+        self.assertEqual(bye, b"+OK mx.test bye (0 deleted)")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(bad, [])
 
 
 class ToolTests(TestCase):

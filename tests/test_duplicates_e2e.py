@@ -34,6 +34,16 @@ def queuedFiles(data: str) -> list[str]:
     return [name for split in sorted(os.listdir(mess)) for name in os.listdir(f"{mess}/{split}")]
 
 
+async def waitForHosted(server: RunningServer, *names: str) -> None:
+    """Until the queue's routing sees ``names`` as hosted domains."""
+    hosted = cast(HostedDomains, server.mail.getServiceNamed("domains"))
+    deadline = time.monotonic() + 10
+    while not all(hosted.contains(name) for name in names):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"hosted domains never loaded: {names}")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
 class DuplicateRecipientTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         config = makeTestConfig(self.mktemp(), LISTEN)
@@ -48,11 +58,7 @@ class DuplicateRecipientTests(TestCase):
         self.server = RunningServer(config)
         self.port = await self.server.start()
         self.addCleanup(self.server.stop)
-        hosted = cast(HostedDomains, self.server.mail.getServiceNamed("domains"))
-        deadline = time.monotonic() + 10
-        while not (hosted.contains("example.com") and hosted.contains("example.net")):
-            self.assertLess(time.monotonic(), deadline, "the hosted domains never loaded")
-            await deferLater(reactor, 0.02, lambda: None)
+        await waitForHosted(self.server, "example.com", "example.net")
 
     async def deliveredToAlice(self, recipients: list[str]) -> list[bytes]:
         """Send one message to ``recipients``; once the queue is empty, alice's mail."""

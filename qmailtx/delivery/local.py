@@ -18,8 +18,10 @@ recipient: resolution, quota, write and fsync together.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -235,8 +237,7 @@ class LocalDeliveryAgent:
                 return
             created = False
             if plan.owner is not None and not os.path.isdir(plan.ownerFolder):
-                makeMaildir(self.fs, os.path.join(plan.ownerFolder, "Maildir"))
-                created = True
+                created = self._makeOwnerFolder(plan.ownerFolder)
             with holdFolder(plan.ownerFolder):
                 # A folder made here may belong to a user deleted meanwhile.
                 if created and self._gone(plan.owner):
@@ -253,6 +254,24 @@ class LocalDeliveryAgent:
             p.result = temporary(f"Temporary error on local delivery: {reason}. (#4.3.0)")
         finally:
             self.fs.close(source)
+
+    def _makeOwnerFolder(self, folder: str) -> bool:
+        """Make a user's folder with its Maildir, whole or not at all: built
+        under a scratch name beside it and renamed into place, so a delivery
+        running at the same time never finds the folder without ``new/``.
+        False when another delivery made it first."""
+        parent = os.path.dirname(folder)
+        self.fs.makedirs(parent)
+        scratch = tempfile.mkdtemp(prefix=".new-", dir=parent)
+        try:
+            makeMaildir(self.fs, os.path.join(scratch, "Maildir"))
+            os.rename(scratch, folder)
+        except OSError as e:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return False
+            raise
+        return True
 
     def _gone(self, owner: User | None) -> bool:
         if owner is None or self.store is None:

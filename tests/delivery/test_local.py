@@ -763,6 +763,43 @@ class ConcurrentQuotaTests(_Fixture, TestCase):
         self.assertEqual(results, [["failure", "success"]] * 5)
 
 
+class FirstDeliveryRaceTests(_Fixture, TestCase):
+    def setUp(self) -> None:
+        self.setUpFixture(self.mktemp, warnPercent=0)
+
+    async def test_concurrentFirstDeliveriesAllLand(self) -> None:
+        """A user whose folder does not exist yet (added to the database
+        directly) gets several messages at once: every delivery lands; none
+        finds the folder half made (it used to defer with ENOENT)."""
+
+        def threaded(f: Any, *args: Any) -> Deferred[Any]:
+            return deferToThread(f, *args)
+
+        class SlowMaking(FileSystem):
+            """Making a Maildir takes a while (a busy disk): the race is wide open."""
+
+            def makedirs(self, path: str) -> None:
+                super().makedirs(path)
+                if path.endswith("tmp"):
+                    time.sleep(0.05)
+
+        for round in range(3):
+            name = f"carol{round}"
+            self.store.addUser(User(name, "example.com"))
+            agent = self.agent(runner=threaded, fs=SlowMaking())
+            messages = [self.queued(f"{name}@example.com") for _ in range(8)]
+            outcomes = await gatherResults(
+                [agent.deliver(m, [Address(name, "example.com")]) for m in messages]
+            )
+            self.assertEqual(
+                [r[0].outcome.value for r in outcomes], ["success"] * 8, [r[0] for r in outcomes]
+            )
+            self.assertEqual(len(self.delivered(name)), 8)
+        domainFolder = os.path.dirname(os.path.dirname(self.maildir("carol0")))
+        leftovers = [n for n in os.listdir(domainFolder) if n.startswith(".new-")]
+        self.assertEqual(leftovers, [])
+
+
 class UserLockTests(SynchronousTestCase):
     def test_retireWaitsForDeliveriesInProgress(self) -> None:
         folder = os.path.join(self.mktemp(), "alice")

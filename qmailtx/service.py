@@ -205,6 +205,15 @@ def makeMailService(
         local = domains.isLocal(recipient.domain) or hosted.contains(recipient.domain)
         return "local" if local else "remote"
 
+    def hostedAmong(names: frozenset[str]) -> frozenset[str]:
+        """(worker thread) Those of ``names`` the user database hosts now."""
+        return frozenset(n for n in names if cachedUsers.canonicalDomain(n) is not None)
+
+    def confirmRemote(names: frozenset[str]) -> Deferred[frozenset[str]]:
+        # The in-memory list lags qmailctl by up to a second, and is empty
+        # until its first load: ask the database before mail goes remote.
+        return runner(hostedAmong, names)
+
     programUser = config.delivery.programIdentity or resolveProgramUser(
         config.delivery.program_user
     )
@@ -242,6 +251,7 @@ def makeMailService(
                 control, config.queue.bounce_body_bytes, config.timezone
             ),
         ),
+        confirmRemote,
     )
     manager.setName("queue")
     manager.setServiceParent(top)

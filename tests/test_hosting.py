@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from qmailtx import loadConfig
 from qmailtx.vdomain.passwords import verifyPassword
+from qmailtx.vdomain.records import Domain, User
 from qmailtx.vdomain.sqlite import SQLiteUserStore
 from tests.test_service import LISTEN, RunningServer, send
 
@@ -127,3 +128,39 @@ class HostingTests(TestCase):
             await deferLater(reactor, 0.05, lambda: None)
         code, _ = await deferToThread(self.attempt, "bob@remote.test", "x@example.com")
         self.assertEqual(code, 553)
+
+
+class FreshDomainFromARelayClientTests(TestCase):
+    """A relay client's RCPT needs no lookup, so nothing at RCPT time tells
+    the server that a domain is hosted: the queue asks the database itself
+    before mail goes remote (the in-memory list lags by up to a second)."""
+
+    async def test_mailForADomainAddedAMomentAgoIsDeliveredLocally(self) -> None:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        configPath = os.path.join(folder, "qmailtx.toml")
+        with open(configPath, "w") as f:
+            f.write(
+                '[paths]\ndata = "var"\n' + LISTEN + 'relay_clients = ["127.0.0.1/32"]\n'
+                '[control]\nme = "mx.test"\n'
+            )
+        server = RunningServer(loadConfig(configPath))
+        port = await server.start()
+        self.addCleanup(server.stop)
+        hosted = server.mail.getServiceNamed("domains")
+        while getattr(hosted, "_version", None) is None:  # its first load is done
+            await deferLater(reactor, 0.02, lambda: None)
+
+        store = SQLiteUserStore(server.config.users.database)
+        self.addCleanup(store.close)
+        store.addDomain(Domain("fresh.example"))
+        store.addUser(User("alice", "fresh.example", "x"))
+        message = b"Subject: straight away\r\n\r\nHi.\r\n"
+        refused = await deferToThread(
+            send, port, "postmaster@localhost", ["alice@fresh.example"], message
+        )
+        self.assertEqual(refused, {})
+        [mail] = await server.waitForMail("alice", domain="fresh.example")
+        self.assertTrue(mail.endswith(b"Subject: straight away\n\nHi.\n"))
+        bounces = os.path.join(server.maildir("postmaster"), "new")
+        self.assertEqual(os.listdir(bounces) if os.path.isdir(bounces) else [], [])

@@ -32,7 +32,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -104,11 +104,18 @@ class QueueManager(Service):
         agents: Mapping[str, IDeliveryAgent],
         classify: Callable[[Address], str],
         settings: QueueSettings,
+        confirmRemote: Callable[[frozenset[str]], Deferred[frozenset[str]]] | None = None,
     ) -> None:
         self.reactor = reactor
         self.store = store
         self.agents = dict(agents)
         self.classify = classify
+        # ``classify`` answers from memory; ``confirmRemote(domains)``, when
+        # given, says which of the domains it called remote are local after
+        # all (a hosted domain added a moment ago, or before the in-memory
+        # list was first loaded), asked before such a message is scheduled.
+        self.confirmRemote = confirmRemote
+        self._classifying: set[str] = set()
         self.settings = settings
         self.messages: dict[str, _MessageState] = {}
         self._heap: list[tuple[float, int, str, str]] = []
@@ -129,7 +136,7 @@ class QueueManager(Service):
         self._lookEverywhere = False
         self._picking = False
         self._endedWhilePicking: set[str] = set()
-        store.addListener(self.add)
+        store.addListener(self._committed)
         store.addArrivalListener(self.pickUp)
 
     # -- service ------------------------------------------------------------
@@ -201,11 +208,18 @@ class QueueManager(Service):
         if result.unreadable:
             self._relook = self.reactor.callLater(RELOOK_DELAY, self.pickUp, None)
         recovered = 0
+        classifying = []
         for message in result.messages:
             if message.msgid not in self.messages:
                 recovered += 1
-                self.add(message)
+                pending = self.add(message)
+                if pending is not None:
+                    classifying.append(pending)
         log.info("recovery: {count} message(s) in the queue", count=recovered)
+        # ``recovered`` fires once every recovered message is scheduled.
+        DeferredList(classifying).addCallback(lambda _: self._recoveryFinished(result))
+
+    def _recoveryFinished(self, result: ScanResult) -> None:
         self._recoveryDone = True
         self.recovered.callback(result)
         self._pickUpNext()
@@ -218,11 +232,52 @@ class QueueManager(Service):
 
     # -- intake -------------------------------------------------------------
 
-    def add(self, message: QueuedMessage) -> None:
-        """A committed message: log it and schedule what it still has to do."""
+    def _committed(self, message: QueuedMessage) -> None:
+        self.add(message)
+
+    def add(self, message: QueuedMessage) -> Deferred[None] | None:
+        """A committed message: log it and schedule what it still has to do.
+        A Deferred when that waits for ``confirmRemote``: it fires once the
+        message is scheduled."""
+        if message.msgid in self.messages or message.msgid in self._classifying:
+            return None
+        channels = [self.classify(r) for r in message.recipients]
+        doubtful = frozenset(
+            r.domain.lower()
+            for r, channel in zip(message.recipients, channels, strict=True)
+            if channel == "remote"
+        )
+        if not doubtful or self.confirmRemote is None:
+            self._addClassified(message, channels)
+            return None
+        self._classifying.add(message.msgid)
+        d = self.confirmRemote(doubtful)
+
+        def confirmed(local: frozenset[str]) -> None:
+            for i, r in enumerate(message.recipients):
+                if channels[i] == "remote" and r.domain.lower() in local:
+                    channels[i] = "local"
+
+        def unconfirmed(failure: Failure) -> None:
+            log.failure(
+                "msg {msgid}: cannot ask the user database which domains are hosted;"
+                " delivering as classified",
+                failure,
+                msgid=message.msgid,
+            )
+
+        def classified(_: object) -> None:
+            self._classifying.discard(message.msgid)
+            if not self._stopping:
+                self._addClassified(message, channels)
+
+        done: Deferred[None] = d.addCallbacks(confirmed, unconfirmed)
+        done.addCallback(classified).addErrback(self._bug, message.msgid)
+        return done
+
+    def _addClassified(self, message: QueuedMessage, channels: list[str]) -> None:
         if message.msgid in self.messages:
             return
-        channels = [self.classify(r) for r in message.recipients]
         state = _MessageState(message, channels)
         self.messages[message.msgid] = state
         log.info("new msg {msgid}", msgid=message.msgid)
@@ -260,6 +315,7 @@ class QueueManager(Service):
         if self._picking or self._stopping or not self._recoveryDone:
             return
         self._arrivals.difference_update(self.messages)
+        self._arrivals.difference_update(self._classifying)
         if not self._lookEverywhere and not self._arrivals:
             return
         wanted = None if self._lookEverywhere else frozenset(self._arrivals)
@@ -267,7 +323,7 @@ class QueueManager(Service):
         self._lookEverywhere = False
         self._picking = True
         self._endedWhilePicking = set()
-        d = self.store.loadNew(wanted, frozenset(self.messages))
+        d = self.store.loadNew(wanted, frozenset(self.messages) | self._classifying)
         d.addCallbacks(self._pickedUp, self._pickUpFailed)
         d.addErrback(self._bug, "-")
         d.addBoth(self._pickUpDone)

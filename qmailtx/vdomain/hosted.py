@@ -5,9 +5,11 @@ recipient, so the answer must usually be immediate: a set of hosted names
 (domains and alias domains) kept in memory and reloaded whenever the
 database's generation changes (checked every ``interval`` seconds in a
 worker thread). A name missing from the set is looked up in the database
-before it is refused, so a domain added by ``qmailctl`` a moment ago is
-served at once; a deleted one stops being served within ``interval``, and
-delivery asks the database itself anyway.
+before it is refused (``lookup``, at RCPT) or sent remote (the queue
+manager's ``confirmRemote``), so a domain added by ``qmailctl`` a moment
+ago, or before the set was first loaded, is served at once; a deleted one
+stops being served within ``interval``, and delivery asks the database
+itself anyway.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from typing import cast
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -138,6 +138,7 @@ class ManagerTestCase(SynchronousTestCase):
         remoteConcurrency: int | None = None,
         remoteByDomain: bool = False,
         remotePerDomain: int | None = None,
+        confirmRemote: Callable[[frozenset[str]], Deferred[frozenset[str]]] | None = None,
     ) -> QueueManager:
         self.local = ScriptedAgent(self.clock, local)
         self.remote = ScriptedAgent(
@@ -157,6 +158,7 @@ class ManagerTestCase(SynchronousTestCase):
                 lifetime,
                 bounceSettings(),
             ),
+            confirmRemote,
         )
         manager.startService()
         self.addCleanup(manager.stopService)
@@ -626,6 +628,62 @@ class RetryNowTests(ManagerTestCase):
 
         flushOnSignal(FakeReactor(), retry)(14, None)  # type: ignore[arg-type]
         self.assertEqual(calls, [retry])
+
+
+class ConfirmRemoteTests(ManagerTestCase):
+    """A domain the in-memory classification calls remote may be hosted after
+    all (added a moment ago, or not loaded yet): the database is asked."""
+
+    def test_domainFoundHostedIsDeliveredLocally(self) -> None:
+        asked: list[frozenset[str]] = []
+
+        def confirm(domains: frozenset[str]) -> Deferred[frozenset[str]]:
+            asked.append(domains)
+            return succeed(frozenset({"new.example"}))
+
+        self.makeManager(lambda m, r: delivered("ok"), confirmRemote=confirm)
+        self.inject("a@b.example", "u@new.example", "v@far.example", "w@mx.test")
+        self.assertEqual(asked, [frozenset({"new.example", "far.example"})])
+        self.assertEqual(sorted(r for _, _, r in self.local.calls), ["u@new.example", "w@mx.test"])
+        self.assertEqual([r for _, _, r in self.remote.calls], ["v@far.example"])
+
+    def test_onlyLocalRecipientsNeedNoQuestion(self) -> None:
+        asked: list[frozenset[str]] = []
+
+        def confirm(domains: frozenset[str]) -> Deferred[frozenset[str]]:
+            asked.append(domains)
+            return succeed(frozenset())
+
+        self.makeManager(lambda m, r: delivered("ok"), confirmRemote=confirm)
+        self.inject("a@b.example", "w@mx.test")
+        self.assertEqual((asked, len(self.local.calls)), ([], 1))
+
+    def test_nothingIsScheduledUntilTheAnswerAndNothingTwice(self) -> None:
+        answers: list[Deferred[frozenset[str]]] = []
+
+        def confirm(domains: frozenset[str]) -> Deferred[frozenset[str]]:
+            d: Deferred[frozenset[str]] = Deferred()
+            answers.append(d)
+            return d
+
+        manager = self.makeManager(lambda m, r: delivered("ok"), confirmRemote=confirm)
+        msgid = self.inject("a@b.example", "u@new.example")
+        manager.pickUp(None)  # a look through the queue meanwhile
+        manager.add(self.disk.scan().messages[0])  # announced twice
+        self.assertEqual((self.local.calls, self.remote.calls, len(answers)), ([], [], 1))
+        self.assertNotIn(msgid, manager.messages)
+        answers[0].callback(frozenset({"new.example"}))
+        self.assertEqual(len(self.local.calls), 1)
+        self.assertEqual(self.remote.calls, [])
+
+    def test_unansweredQuestionKeepsTheClassification(self) -> None:
+        def confirm(domains: frozenset[str]) -> Deferred[frozenset[str]]:
+            return fail(RuntimeError("database down"))
+
+        self.makeManager(lambda m, r: delivered("ok"), confirmRemote=confirm)
+        self.inject("a@b.example", "u@far.example")
+        self.assertEqual(len(self.remote.calls), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class PickUpTests(ManagerTestCase):

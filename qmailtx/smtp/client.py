@@ -174,14 +174,14 @@ class _ClientProtocol(Protocol):
         self.tlsStarting = False  # a 220 to STARTTLS ends what we read in plaintext
         self.discarding = False
         self.handshake: Deferred[None] | None = None
-        self.discarded = b""
+        self.discarded = 0  # octets the server sent after its 220 to STARTTLS
         self.producer: DataProducer | None = None
 
     # IProtocol
 
     def dataReceived(self, data: bytes) -> None:
         if self.discarding:
-            self.discarded += data[:MAX_LINE_LENGTH]
+            self.discarded += len(data)  # counted, never kept
             return
         if self.error is not None:
             return
@@ -197,7 +197,7 @@ class _ClientProtocol(Protocol):
                 if self.tlsStarting:
                     self.tlsStarting = False
                     self.discarding = True
-                    self.discarded = self.parser.discard()[:MAX_LINE_LENGTH]
+                    self.discarded = len(self.parser.discard())
                     break
         except ReplyError as e:
             self.protocolError(str(e))
@@ -390,7 +390,7 @@ class _Dialogue:
             log.warn(
                 "{peer} sent {count} bytes after its 220 to STARTTLS; discarded",
                 peer=self.peer,
-                count=len(self.proto.discarded),
+                count=self.proto.discarded,
             )
         hostname = self.options.tlsHostname or self.peer
         if self.tlsCreator is not None:

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -719,9 +720,12 @@ class TLSTests(ClientTestCase):
             afterStartTLS = b"250 injected\r\n"
 
         server = await self.serve(Injecting, tls=True)
-        result = await self.send()
+        with capturedLogs() as events:
+            result = await self.send()
         self.assertIsNone(result.failure)
         self.assertIsNotNone(result.tls)
+        logged = [formatEvent(e) for e in events]
+        self.assertIn("127.0.0.1 sent 14 bytes after its 220 to STARTTLS; discarded", logged)
         # had "250 injected" been taken as the EHLO reply, every later reply
         # would be one step behind
         self.assertEqual(

@@ -14,17 +14,21 @@ which keeps what must last from one client line to the next:
   shared ``AuthThrottle`` and gives the delay before the refusal may be
   answered; ``wait(delay)`` waits it out and says False when the connection
   went away meanwhile (``close``).
+- ``succeeded(host, logout, user)`` records a login; its cred ``logout`` runs
+  at ``endLogin`` (SMTP's STARTTLS forgets the login) or ``close``.
 
-Nothing here logs: responses hold passwords.
+Nothing here logs what the client sent: responses hold passwords.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 
 from qmailtx.smtp.auth import (
     AuthRefused,
@@ -35,6 +39,8 @@ from qmailtx.smtp.auth import (
     decodeResponse,
 )
 from qmailtx.smtp.throttle import AuthThrottle
+
+log = Logger()
 
 
 class Refused:
@@ -51,6 +57,8 @@ class SASLSession:
         self.mechanism = ""  # of the latest exchange, for the logs
         self._exchange: Exchange | None = None  # waiting for the client's next line
         self._delay: Deferred[None] | None = None
+        self._logout: Callable[[], None] | None = None  # of the current login
+        self._user = ""
 
     @property
     def waiting(self) -> bool:
@@ -91,8 +99,22 @@ class SASLSession:
         """Count a refused login from ``host``; seconds before answering it."""
         return self.throttle.failed(host)
 
-    def succeeded(self, host: str) -> None:
+    def succeeded(
+        self, host: str, logout: Callable[[], None] | None = None, user: str = ""
+    ) -> None:
+        """A login from ``host`` as ``user``; ``logout`` ends it (twisted.cred)."""
         self.throttle.succeeded(host)
+        self.endLogin()
+        self._logout, self._user = logout, user
+
+    def endLogin(self) -> None:
+        """Run the current login's logout, if any (once)."""
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            try:
+                logout()
+            except Exception:
+                log.failure("logout of {user} failed", user=self._user)
 
     async def wait(self, delay: float) -> bool:
         """Wait ``delay`` seconds; False when ``close`` came first."""
@@ -106,7 +128,8 @@ class SASLSession:
         return True
 
     def close(self) -> None:
-        """The connection is gone: forget the exchange, end any wait."""
+        """The connection is gone: forget the exchange, end any wait, log out."""
         self._exchange = None
         if self._delay is not None:
             self._delay.cancel()
+        self.endLogin()

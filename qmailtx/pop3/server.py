@@ -130,7 +130,6 @@ class POP3Server(LineServer[bytes]):
         self._address = ""
         self._maildir = ""
         self._messages: list[Message] = []
-        self._logout: Callable[[], None] | None = None
         self._stream: MessageStream | None = None
         self._admitted: str | None = None  # the host the limiter counted us for
 
@@ -167,7 +166,6 @@ class POP3Server(LineServer[bytes]):
         self._stopTimer()
         self._closeStream()
         self._sasl.close()
-        self._endLogin()
         admitted, self._admitted = self._admitted, None
         if admitted is not None:
             self.factory.limiter.release(admitted)
@@ -178,14 +176,6 @@ class POP3Server(LineServer[bytes]):
             peer=self.peerHost,
             tls=describeConnection(self.transport) or "?",
         )
-
-    def _endLogin(self) -> None:
-        logout, self._logout = self._logout, None
-        if logout is not None:
-            try:
-                logout()
-            except Exception:
-                log.failure("logout of {user} failed", user=self._address)
 
     def _closeStream(self) -> None:
         stream, self._stream = self._stream, None
@@ -429,9 +419,8 @@ class POP3Server(LineServer[bytes]):
         if self._state != _AUTHORIZATION:
             logout()
             return None
-        self._sasl.succeeded(self.peerHost)
+        self._sasl.succeeded(self.peerHost, logout, account.address)
         self._state = _TRANSACTION
-        self._logout = logout
         self._address = account.address
         self._maildir = account.maildir
         self._messages = messages

@@ -124,7 +124,6 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._spool: Spool | None = None
         self._checks: list[IDataCheck] = []
         self._sasl = SASLSession(factory.clock, factory.throttle)
-        self._logout: Callable[[], None] | None = None
         self._admitted: str | None = None  # the host the limiter counted us for
         self._dataDeadline: IDelayedCall | None = None
 
@@ -166,7 +165,6 @@ class ESMTPServer(LineServer[SMTPReply]):
         self._stopTimer()
         self._abortData()
         self._sasl.close()
-        self._endLogin()
         admitted, self._admitted = self._admitted, None
         if admitted is not None:
             self.factory.limiter.release(admitted)
@@ -178,14 +176,6 @@ class ESMTPServer(LineServer[SMTPReply]):
             session=self.session.sessionId,
             tls=describeConnection(self.transport) or "?",
         )
-
-    def _endLogin(self) -> None:
-        logout, self._logout = self._logout, None
-        if logout is not None:
-            try:
-                logout()
-            except Exception:
-                log.failure("logout of {user} failed", user=self.session.authenticatedAs)
 
     @property
     def closed(self) -> bool:
@@ -487,7 +477,7 @@ class ESMTPServer(LineServer[SMTPReply]):
     def _forgetSession(self, secure: bool) -> None:
         """RFC 3207 4.2: forget what the client told us (HELO, transaction, AUTH)."""
         old = self.session
-        self._endLogin()
+        self._sasl.endLogin()
         self._sasl.abandon()
         self.session = SMTPSession(
             old.peerHost,
@@ -573,8 +563,7 @@ class ESMTPServer(LineServer[SMTPReply]):
             login.logout()
             return None
         session.authenticatedAs = login.address
-        self._logout = login.logout
-        self._sasl.succeeded(session.peerHost)
+        self._sasl.succeeded(session.peerHost, login.logout, login.address)
         log.info(
             "AUTH {mechanism} as {user} from {peer} session {session}",
             mechanism=mechanism,
